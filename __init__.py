@@ -1,0 +1,1 @@
+"""comfyui-adacluster: training-free sparse attention for video diffusion transformers in ComfyUI."""

@@ -1,0 +1,193 @@
+"""Configuration: one validated dataclass, selection recipes by name, and YAML presets per model family.
+
+Every value is checked where it enters (node widgets, presets, profiles). A bad value raises
+ConfigError naming the field, the value and the allowed range, before anything is applied.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Mapping
+
+PRESET_DIR = Path(__file__).with_name("presets")
+MODEL_FAMILIES = ("wan", "hunyuan_video", "cogvideox")
+
+
+class ConfigError(ValueError):
+    """A configuration value is out of range or unknown; the message names it."""
+
+
+@dataclass(frozen=True)
+class SelectionConfig:
+    """How key clusters are chosen per query cluster (ALGORITHMS.md 1.3 / 1.3a)."""
+
+    score: str = "centroid"  # "quest" (TensorQuest bound), "centroid" (size-weighted estimate), "blend"
+    blend_weight: float = 0.5  # weight of the TensorQuest bound in "blend"
+    count: str = "mass"  # "topk": fixed number of clusters; "mass": smallest set reaching top_p of the mass
+    top_k: int = 64
+    top_p: float = 0.9
+    min_kept_fraction: float = 0.05  # keep adding clusters in score order until this share of keys
+    tail: bool = True  # pooled tail for skipped clusters
+    local_block: int = 64  # each query's own block in original order; 0 = off
+    own_clusters: bool = True  # always keep the key clusters that hold the query cluster's own tokens
+
+
+# Named selection recipes. "paper" is AdaCluster as published; "svg2" uses SVG2's rule on both sides.
+SELECTION_RECIPES: dict[str, SelectionConfig] = {
+    "paper": SelectionConfig(score="quest", count="topk", tail=False, local_block=0, own_clusters=False),
+    "hybrid": SelectionConfig(),
+    "svg2": SelectionConfig(score="centroid", count="mass", top_p=0.9, tail=False, local_block=0,
+                            own_clusters=False, min_kept_fraction=0.0),
+}
+DEFAULT_RECIPE = "hybrid"
+METHODS = ("adacluster", "svg2")
+
+
+@dataclass(frozen=True)
+class AdaClusterConfig:
+    method: str = "adacluster"  # "adacluster" (angular queries, adaptive keys) or "svg2" (Euclidean both)
+    recipe: str = DEFAULT_RECIPE  # selection recipe name, see SELECTION_RECIPES
+    query_clusters: int = 65
+    initial_key_clusters: int = 100
+    sparsity_threshold: float = 1.5  # alpha: outlier if distance > alpha * mean (relative) or > alpha (absolute)
+    threshold_mode: str = "relative"
+    max_stages: int = 10
+    max_clusters_fraction: float = 1.0 / 3.0  # a layer needing more than N * this is "hard to compress"
+    key_clusters_svg2: int = 200  # fixed key cluster count for the svg2 method
+    calibration_iters: int = 3
+    step_iters: int = 1  # warm-started k-means iterations on sparse steps
+    dense_layer_fraction: float = 0.15
+    warmup_steps: int = 10
+    min_tokens: int = 4096  # shorter self-attention stays dense
+    seed: int = 0
+    selection: SelectionConfig = field(default_factory=SelectionConfig)
+
+    def validate(self) -> "AdaClusterConfig":
+        _choice("method", self.method, METHODS)
+        _choice("recipe", self.recipe, tuple(SELECTION_RECIPES))
+        _int_range("query_clusters", self.query_clusters, 1, 4096)
+        _int_range("initial_key_clusters", self.initial_key_clusters, 1, 4096)
+        _float_range("sparsity_threshold", self.sparsity_threshold, 0.0, math.inf, low_open=True)
+        _choice("threshold_mode", self.threshold_mode, ("relative", "absolute"))
+        _int_range("max_stages", self.max_stages, 1, 100)
+        _float_range("max_clusters_fraction", self.max_clusters_fraction, 0.0, 1.0, low_open=True)
+        _int_range("key_clusters_svg2", self.key_clusters_svg2, 1, 4096)
+        _int_range("calibration_iters", self.calibration_iters, 1, 100)
+        _int_range("step_iters", self.step_iters, 0, 100)
+        _float_range("dense_layer_fraction", self.dense_layer_fraction, 0.0, 1.0)
+        _int_range("warmup_steps", self.warmup_steps, 0, 10000)
+        _int_range("min_tokens", self.min_tokens, 0, 1 << 30)
+        sel = self.selection
+        _choice("selection.score", sel.score, ("quest", "centroid", "blend"))
+        _float_range("selection.blend_weight", sel.blend_weight, 0.0, 1.0)
+        _choice("selection.count", sel.count, ("topk", "mass"))
+        _int_range("selection.top_k", sel.top_k, 1, 4096)
+        if sel.count == "topk" and self.method == "adacluster" and sel.top_k > self.initial_key_clusters * self.max_stages:
+            raise ConfigError(
+                f"selection.top_k = {sel.top_k} is larger than the most key clusters a layer can have "
+                f"(initial_key_clusters x max_stages = {self.initial_key_clusters * self.max_stages})")
+        _float_range("selection.top_p", sel.top_p, 0.0, 1.0, low_open=True)
+        _float_range("selection.min_kept_fraction", sel.min_kept_fraction, 0.0, 1.0)
+        _int_range("selection.local_block", sel.local_block, 0, 1 << 16)
+        for name in ("tail", "own_clusters"):
+            if not isinstance(getattr(sel, name), bool):
+                raise ConfigError(f"selection.{name} must be true or false, got {getattr(sel, name)!r}")
+        return self
+
+    def replace(self, **changes: Any) -> "AdaClusterConfig":
+        """A validated copy with top-level or ``selection.<name>`` fields changed.
+
+        Changing ``recipe`` resets the selection to that recipe before other selection changes apply."""
+        base = to_dict(self)
+        changes = _flatten(changes)
+        if "recipe" in changes:
+            base = {k: v for k, v in base.items() if not k.startswith("selection.")}
+        return from_dict({**base, **changes})
+
+
+def to_dict(config: AdaClusterConfig) -> dict[str, Any]:
+    """Flat dict with ``selection.<name>`` keys (the format of presets and profiles)."""
+    flat = {f.name: getattr(config, f.name) for f in fields(config) if f.name != "selection"}
+    flat.update({f"selection.{k}": v for k, v in dataclasses.asdict(config.selection).items()})
+    return flat
+
+
+def from_dict(values: Mapping[str, Any]) -> AdaClusterConfig:
+    """Builds and validates a config from a flat or nested mapping; unknown keys are errors."""
+    values = _flatten(values)
+    top_names = {f.name for f in fields(AdaClusterConfig)} - {"selection"}
+    sel_names = {f.name for f in fields(SelectionConfig)}
+    for key in values:
+        name = key.split(".", 1)[1] if key.startswith("selection.") else key
+        known = sel_names if key.startswith("selection.") else top_names
+        if name not in known:
+            raise ConfigError(f"unknown setting {key!r}; known: {sorted(top_names | {'selection.' + s for s in sel_names})}")
+    recipe = values.get("recipe", DEFAULT_RECIPE)
+    _choice("recipe", recipe, tuple(SELECTION_RECIPES))
+    selection = SELECTION_RECIPES[recipe]
+    sel_changes = {k.split(".", 1)[1]: v for k, v in values.items() if k.startswith("selection.")}
+    _check_types(sel_changes, SelectionConfig, "selection.")
+    top = {k: v for k, v in values.items() if not k.startswith("selection.")}
+    _check_types(top, AdaClusterConfig, "")
+    return AdaClusterConfig(**top, selection=dataclasses.replace(selection, **sel_changes)).validate()
+
+
+def load_preset(family: str, **overrides: Any) -> AdaClusterConfig:
+    """The YAML preset of a model family, with optional overrides, validated."""
+    import yaml
+
+    _choice("preset", family, MODEL_FAMILIES)
+    path = PRESET_DIR / f"{family}.yaml"
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"preset file {path.name} is not valid YAML: {exc}") from exc
+    if not isinstance(data, dict):
+        raise ConfigError(f"preset file {path.name} must hold a mapping of settings")
+    return from_dict({**_flatten(data), **_flatten(overrides)})
+
+
+def _flatten(values: Mapping[str, Any]) -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in values.items():
+        if key == "selection" and isinstance(value, Mapping):
+            flat.update({f"selection.{k}": v for k, v in value.items()})
+        elif key == "selection" and isinstance(value, SelectionConfig):
+            flat.update({f"selection.{k}": v for k, v in dataclasses.asdict(value).items()})
+        else:
+            flat[key] = value
+    return flat
+
+
+def _check_types(values: Mapping[str, Any], cls, prefix: str) -> None:
+    defaults = {f.name: f.default for f in fields(cls) if f.default is not dataclasses.MISSING}
+    for name, value in values.items():
+        expected = type(defaults.get(name))
+        if expected is bool and not isinstance(value, bool):
+            raise ConfigError(f"{prefix}{name} must be true or false, got {value!r}")
+        if expected is int and (isinstance(value, bool) or not isinstance(value, int)):
+            raise ConfigError(f"{prefix}{name} must be an integer, got {value!r}")
+        if expected is float and (isinstance(value, bool) or not isinstance(value, (int, float))):
+            raise ConfigError(f"{prefix}{name} must be a number, got {value!r}")
+        if expected is str and not isinstance(value, str):
+            raise ConfigError(f"{prefix}{name} must be a string, got {value!r}")
+
+
+def _choice(name: str, value: Any, allowed: tuple) -> None:
+    if value not in allowed:
+        raise ConfigError(f"{name} = {value!r} is not one of {', '.join(map(repr, allowed))}")
+
+
+def _int_range(name: str, value: Any, low: int, high: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        raise ConfigError(f"{name} = {value!r} is out of range: expected an integer in [{low}, {high}]")
+
+
+def _float_range(name: str, value: Any, low: float, high: float, low_open: bool = False) -> None:
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    ok = ok and (low < value if low_open else low <= value) and value <= high
+    if not ok:
+        bracket = "(" if low_open else "["
+        raise ConfigError(f"{name} = {value!r} is out of range: expected a number in {bracket}{low}, {high}]")
