@@ -65,6 +65,7 @@ segments_from_labels = _dispatch("segments_from_labels")
 cluster_minmax = _dispatch("cluster_minmax")
 quest_scores = _dispatch("quest_scores")
 execute_layout = _dispatch("execute_layout")
+segment_means = _dispatch("segment_means")
 segment_labels = reference.segment_labels
 
 

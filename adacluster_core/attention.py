@@ -1,0 +1,206 @@
+"""The sparse attention runner: the one entry point an adapter calls for every attention call.
+
+For each call it decides (policy) whether to run dense, calibrate, or run sparse; for sparse calls it
+clusters (warm-started from the run cache), selects key clusters, builds a Layout and has the kernels
+execute it. Joint text+video sequences are split: text queries attend everything densely, video queries
+attend their selected video keys plus every text key (the always-kept sink), honouring an additive mask.
+Everything is per (batch element, head); batch elements are separate branches (cond / uncond).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable, Hashable, Optional
+
+import torch
+
+from .. import kernels
+from . import clustering, selection
+from .cache import BranchState, CallRecord, RunCache, Timer
+from .clustering import Clusters
+from .config import AdaClusterConfig
+from .schedule import Phase, phase_of
+
+
+@dataclass(frozen=True)
+class CallInfo:
+    layer: int  # transformer block index, 0-based
+    step: int  # sampler step, 0-based (from the sigma schedule)
+    total_steps: int
+    branches: tuple  # one hashable per batch element, e.g. (cond_or_uncond, uuid)
+    text_len: int = 0  # joint attention: number of text tokens in the sequence
+    text_first: bool = False  # text tokens before the video tokens (CogVideoX) or after (HunyuanVideo)
+    mask: Optional[torch.Tensor] = None  # additive or bool mask over keys, broadcastable to (B, H, N, N)
+
+
+class SparseAttention:
+    def __init__(self, config: AdaClusterConfig, cache: RunCache):
+        self.config = config.validate()
+        self.cache = cache
+        self.cache.method = config.method
+
+    # ------------------------------------------------------------------ policy
+    def decide(self, q_shape, k_shape, call: CallInfo) -> Optional[str]:
+        """Why this call stays dense (a short reason), or None when it runs sparse.
+
+        The calibration step also returns its reason: its output is dense, but clustering is computed."""
+        if q_shape[-2] != k_shape[-2]:
+            return "cross-attention"
+        video = q_shape[-2] - call.text_len
+        if video < max(2, self.config.min_tokens):
+            return f"short sequence ({video} video tokens < min_tokens {self.config.min_tokens})"
+        phase = phase_of(call.step, self.config.warmup_steps)
+        if phase is not Phase.SPARSE:
+            return phase.value
+        dense_layers = self._dense_layers(call.step)
+        if dense_layers is not None and call.layer in dense_layers:
+            return "dense layer"
+        return None
+
+    def _dense_layers(self, step: int) -> Optional[frozenset]:
+        """The dense-layer set, decided once every layer has been calibrated (at the first sparse step,
+        or after step 0 when there is no warm-up and layers calibrate on first use)."""
+        cache = self.cache
+        if cache.dense_layers is None and (self.config.warmup_steps > 0 or step > 0):
+            calibrated = cache.calibrated_layers()
+            if calibrated:
+                ranked = sorted(calibrated, key=lambda layer: calibrated[layer][0], reverse=True)
+                n_dense = math.ceil(self.config.dense_layer_fraction * len(ranked) - 1e-9)
+                hard = {layer for layer, (_, is_hard) in calibrated.items() if is_hard}
+                cache.dense_layers = frozenset(ranked[:n_dense]) | hard
+        return cache.dense_layers
+
+    # ------------------------------------------------------------------ call
+    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, call: CallInfo,
+                 dense: Callable[[], torch.Tensor]) -> torch.Tensor:
+        """q, k, v: (B, H, N, d). ``dense()`` gives the caller's dense result (B, H, N, d)."""
+        total = Timer(q.device)
+        reason = self.decide(q.shape, k.shape, call)
+        video = self._video_slice(q.shape[-2], call)
+        mask = _additive(call.mask, q.dtype)
+        if reason is None and mask is not None and _masks_video_keys(mask, video):
+            reason = "mask on video tokens"
+        if reason == Phase.CALIBRATE.value:
+            out = dense()
+            clustering_timer = Timer(q.device)
+            counts = torch.stack([self._calibrate(q[b:b + 1, :, video], k[b:b + 1, :, video], call, b)
+                                  for b in range(q.shape[0])])
+            self.cache.record(CallRecord(call.layer, call.step, False, reason, total.stop(),
+                                         clustering_timer.stop(), key_counts=counts))
+            return out
+        if reason is not None:
+            out = dense()
+            self.cache.record(CallRecord(call.layer, call.step, False, reason, total.stop()))
+            return out
+        return self._sparse(q, k, v, call, video, mask, total)
+
+    def _sparse(self, q, k, v, call, video, mask, total):
+        batch, heads, n, d = q.shape
+        out = torch.empty_like(q)
+        text = self._text_slice(n, call)
+        clustering_timer = Timer(q.device)
+        layouts, kept, counts = [], [], []
+        for b in range(batch):
+            qv, kv = q[b:b + 1, :, video], k[b:b + 1, :, video]
+            if self.cache.state(call.layer, call.branches[b]) is None:
+                self._calibrate(qv, kv, call, b)
+            layout, qc, kc = self._layout(qv, kv, call, b)
+            layouts.append(layout)
+            kept.append(selection.kept_fraction(layout, qc.labels, kc.labels)[0])
+            counts.append(kc.counts[0])
+        clustering_timer.stop()
+        for b, layout in enumerate(layouts):
+            text_k = text_v = text_bias = None
+            if call.text_len:
+                text_k, text_v = k[b:b + 1, :, text], v[b:b + 1, :, text]
+                if mask is not None:
+                    text_bias = _mask_block(mask[b:b + 1] if mask.shape[0] > 1 else mask, video, text)
+            out[b:b + 1, :, video] = kernels.execute_layout(q[b:b + 1, :, video], k[b:b + 1, :, video],
+                                                            v[b:b + 1, :, video], layout, text_k=text_k,
+                                                            text_v=text_v, text_bias=text_bias)
+        if call.text_len:  # text queries attend every key densely
+            text_mask = None if mask is None else _mask_block(mask, text, slice(None))
+            out[:, :, text] = kernels.dense_attention(q[:, :, text], k, v, mask=text_mask)
+        self.cache.record(CallRecord(call.layer, call.step, True, None, total.stop(), clustering_timer,
+                                     kept=torch.stack(kept), key_counts=torch.stack(counts)))
+        return out
+
+    # ------------------------------------------------------------------ clustering
+    def _calibrate(self, q: torch.Tensor, k: torch.Tensor, call: CallInfo, b: int) -> torch.Tensor:
+        """Full clustering of one batch element; stores the branch state. Returns (H,) key counts."""
+        cfg = self.config
+        gen = clustering.generator_for(cfg.seed, call.layer)
+        n = q.shape[-2]
+        if cfg.method == "svg2":
+            qc = _euclidean(q, min(cfg.query_clusters, n), cfg.calibration_iters, gen)
+            kc = _euclidean(k, min(cfg.key_clusters_svg2, n), cfg.calibration_iters, gen)
+            hard = torch.zeros(q.shape[1], dtype=torch.bool, device=q.device)
+        else:
+            qc = clustering.cluster_queries(q, min(cfg.query_clusters, n), cfg.calibration_iters, generator=gen)
+            profile_counts = self.cache.profile.counts_for(call.layer) if self.cache.profile is not None else None
+            if profile_counts is not None:
+                self.cache.profile.check_fits(q.shape[1], n)
+                counts = profile_counts.to(k.device).clamp_max(n).unsqueeze(0)
+                init = clustering.sample_rows(k, int(counts.max()), gen)
+                kc = clustering.cluster_keys_fixed(k, init, counts, cfg.calibration_iters)
+                hard = torch.zeros(q.shape[1], dtype=torch.bool, device=q.device)
+            else:
+                calib = clustering.calibrate_keys(
+                    k, min(cfg.initial_key_clusters, n), cfg.sparsity_threshold, cfg.threshold_mode == "relative",
+                    cfg.max_stages, cfg.max_clusters_fraction, cfg.calibration_iters, gen)
+                kc, hard = calib.clusters, calib.hard[0]
+        self.cache.set_state(call.layer, call.branches[b], BranchState(
+            q_centroids=qc.centroids[0].to(q.dtype), k_centroids=kc.centroids[0].to(k.dtype),
+            k_counts=kc.counts[0], hard=hard, tokens=n))
+        return kc.counts[0]
+
+    def _layout(self, q, k, call, b):
+        """Warm-started clustering of one batch element, then selection."""
+        cfg = self.config
+        state = self.cache.state(call.layer, call.branches[b])
+        q_init, k_init = state.q_centroids.unsqueeze(0), state.k_centroids.unsqueeze(0)
+        k_counts = state.k_counts.unsqueeze(0)
+        if cfg.method == "svg2":
+            centroids, labels, sizes, _ = kernels.kmeans(q, q_init, cfg.step_iters, False)
+            qc = Clusters(centroids, labels, sizes, torch.full_like(k_counts, centroids.shape[-2]))
+        else:
+            qc = clustering.cluster_queries(q, q_init.shape[-2], cfg.step_iters, init=q_init)
+        kc = clustering.cluster_keys_fixed(k, k_init, k_counts, cfg.step_iters)
+        state.q_centroids = qc.centroids[0].to(q.dtype)
+        state.k_centroids = kc.centroids[0].to(k.dtype)
+        return selection.build_layout(q, k, qc, kc, cfg.selection), qc, kc
+
+    # ------------------------------------------------------------------ token ranges
+    @staticmethod
+    def _video_slice(n: int, call: CallInfo) -> slice:
+        if not call.text_len:
+            return slice(0, n)
+        return slice(call.text_len, n) if call.text_first else slice(0, n - call.text_len)
+
+    @staticmethod
+    def _text_slice(n: int, call: CallInfo) -> slice:
+        return slice(0, call.text_len) if call.text_first else slice(n - call.text_len, n)
+
+
+def _euclidean(x, count, iters, gen) -> Clusters:
+    centroids, labels, sizes, _ = kernels.kmeans(x, clustering.sample_rows(x, count, gen), iters, False)
+    return Clusters(centroids, labels, sizes, torch.full(x.shape[:2], count, dtype=torch.int64, device=x.device))
+
+
+def _additive(mask: Optional[torch.Tensor], dtype) -> Optional[torch.Tensor]:
+    if mask is None or mask.dtype != torch.bool:
+        return mask
+    return torch.zeros(mask.shape, dtype=torch.float32, device=mask.device).masked_fill(~mask, float("-inf"))
+
+
+def _mask_block(mask: torch.Tensor, rows: slice, cols: slice) -> torch.Tensor:
+    """mask[..., rows, cols] for a mask broadcastable to (B, H, N, N) (size-1 dims stay)."""
+    if mask.shape[-2] > 1:
+        mask = mask[..., rows, :]
+    return mask[..., cols] if mask.shape[-1] > 1 else mask
+
+
+def _masks_video_keys(mask: torch.Tensor, video: slice) -> bool:
+    """True when the mask changes any video key's logit (the sparse path only honours it on text keys)."""
+    block = mask[..., video] if mask.shape[-1] > 1 else mask
+    return bool((block != 0).any())

@@ -1,0 +1,245 @@
+"""The per-run cache: the only state that lives between attention calls.
+
+One RunCache belongs to one patched model. Its lifecycle is explicit: ``start_run`` when a sampling run
+begins (clears everything from the previous run), ``end_run`` when it ends (frees every tensor, keeps the
+statistics so the report can be read), ``release`` to drop everything. Centroids are kept per
+(layer, branch), where a branch is one batch slot's conditioning key, so cond and uncond never share them.
+Statistics are recorded as device tensors and CUDA events and only read back in ``report()``, so the
+steady state does not synchronise with the host.
+"""
+from __future__ import annotations
+
+import time
+from collections import Counter, defaultdict
+from dataclasses import asdict, dataclass, field
+from typing import Hashable, Optional
+
+import torch
+
+
+@dataclass
+class BranchState:
+    """Clustering state of one (layer, branch)."""
+
+    q_centroids: torch.Tensor  # (H, Cq, d) unit rows (or raw, for the svg2 method)
+    k_centroids: torch.Tensor  # (H, Ck, d), slots >= k_counts[h] unused
+    k_counts: torch.Tensor  # (H,) int64
+    hard: torch.Tensor  # (H,) bool: head hard to compress
+    tokens: int = 0  # video tokens seen at calibration
+
+    def tensors(self):
+        return (self.q_centroids, self.k_centroids, self.k_counts, self.hard)
+
+
+@dataclass
+class LayerReport:
+    layer: int
+    sparse_calls: int
+    dense_calls: int
+    kept_fraction: float  # mean over sparse calls and heads (nan when the layer never ran sparse)
+    kept_per_head: list
+    key_clusters_per_head: list
+    dense_layer: bool
+    hard: bool
+    time_ms: float  # wall time of this layer's attention calls
+    clustering_ms: float  # part of time_ms spent in clustering and selection
+
+
+@dataclass
+class RunReport:
+    method: str
+    total_steps: int
+    layers: list
+    steps: list  # [{"step": s, "sparse_calls": n, "dense_calls": m}]
+    dense_reasons: dict
+    total_time_ms: float
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def to_text(self) -> str:
+        sparse = sum(r.sparse_calls for r in self.layers)
+        dense = sum(r.dense_calls for r in self.layers)
+        lines = [f"{self.method}: {sparse} sparse and {dense} dense attention calls over {self.total_steps} steps, "
+                 f"{self.total_time_ms:.1f} ms in attention"]
+        sparse_steps = [s["step"] for s in self.steps if s["sparse_calls"]]
+        if sparse_steps:
+            lines.append(f"sparse steps: {_ranges(sparse_steps)}")
+        dense_layers = [r.layer for r in self.layers if r.dense_layer]
+        lines.append(f"dense layers: {_ranges(dense_layers) if dense_layers else 'none'}")
+        for reason, count in sorted(self.dense_reasons.items()):
+            lines.append(f"dense because {reason}: {count} calls")
+        lines.append("layer  sparse  dense  kept%  key clusters  time ms  clustering ms")
+        for r in self.layers:
+            kept = "   -" if r.kept_fraction != r.kept_fraction else f"{100 * r.kept_fraction:5.1f}"
+            clusters = (f"{sum(r.key_clusters_per_head) / len(r.key_clusters_per_head):7.1f}"
+                        if r.key_clusters_per_head else "      -")
+            flag = " dense-layer" if r.dense_layer else ""
+            lines.append(f"{r.layer:5d}  {r.sparse_calls:6d}  {r.dense_calls:5d}  {kept:>5}  {clusters:>12}  "
+                         f"{r.time_ms:7.1f}  {r.clustering_ms:13.1f}{flag}")
+        return "\n".join(lines)
+
+
+def _ranges(values) -> str:
+    values = sorted(set(values))
+    parts, start = [], None
+    for i, v in enumerate(values):
+        if start is None:
+            start = v
+        if i + 1 == len(values) or values[i + 1] != v + 1:
+            parts.append(str(start) if start == v else f"{start}-{v}")
+            start = None
+    return ", ".join(parts)
+
+
+class Timer:
+    """Wall-clock span of device work: CUDA events on CUDA (read later, no sync now), perf_counter elsewhere."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        if self.cuda:
+            self.begin = torch.cuda.Event(enable_timing=True)
+            self.end = torch.cuda.Event(enable_timing=True)
+            self.begin.record()
+        else:
+            self.begin = time.perf_counter()
+            self.end = None
+
+    def stop(self) -> "Timer":
+        if self.cuda:
+            self.end.record()
+        else:
+            self.end = time.perf_counter()
+        return self
+
+    def milliseconds(self) -> float:
+        if self.cuda:
+            self.end.synchronize()
+            return self.begin.elapsed_time(self.end)
+        return 1000.0 * (self.end - self.begin)
+
+
+@dataclass
+class CallRecord:
+    layer: int
+    step: int
+    sparse: bool
+    reason: Optional[str]
+    total: Timer
+    clustering: Optional[Timer] = None
+    kept: Optional[torch.Tensor] = None  # (B, H)
+    key_counts: Optional[torch.Tensor] = None  # (B, H)
+
+
+@dataclass
+class RunCache:
+    method: str = "adacluster"
+    states: dict = field(default_factory=dict)  # (layer, branch) -> BranchState
+    dense_layers: Optional[frozenset] = None  # decided after calibration (or from a profile)
+    profile: Optional[object] = None  # a loaded CalibrationProfile, reused across runs
+    total_steps: int = 0
+    num_layers: Optional[int] = None
+    active: bool = False
+    records: list = field(default_factory=list)
+    last_calibration: Optional[object] = None  # CalibrationProfile of the last finished run
+    _summary: Optional[RunReport] = field(default=None, repr=False)
+
+    # ------------------------------------------------------------------ lifecycle
+    def start_run(self, total_steps: int, num_layers: Optional[int] = None) -> None:
+        """Begins a sampling run: drops every trace of a previous run (the loaded profile stays)."""
+        self.release(keep_profile=True)
+        self.total_steps = int(total_steps)
+        self.num_layers = num_layers
+        self.active = True
+        if self.profile is not None:
+            self.dense_layers = self.profile.dense_layer_set()
+
+    def end_run(self) -> None:
+        """Ends a run: frees every tensor but keeps the statistics for report()."""
+        from .profiles import profile_from_cache
+
+        self._summary = self.report()
+        self.last_calibration = profile_from_cache(self)
+        self.states.clear()
+        self.records.clear()
+        self.active = False
+
+    def release(self, keep_profile: bool = False) -> None:
+        """Frees everything, statistics included."""
+        self.states.clear()
+        self.records.clear()
+        self.dense_layers = None
+        self.total_steps = 0
+        self.active = False
+        self._summary = None
+        self.last_calibration = None
+        if not keep_profile:
+            self.profile = None
+
+    def memory_bytes(self) -> int:
+        """Bytes held in tensors by the cache (centroids and statistics)."""
+        total = 0
+        for state in self.states.values():
+            total += sum(t.numel() * t.element_size() for t in state.tensors())
+        for rec in self.records:
+            for t in (rec.kept, rec.key_counts):
+                if t is not None:
+                    total += t.numel() * t.element_size()
+        return total
+
+    # ------------------------------------------------------------------ state
+    def state(self, layer: int, branch: Hashable) -> Optional[BranchState]:
+        return self.states.get((layer, branch))
+
+    def set_state(self, layer: int, branch: Hashable, state: BranchState) -> None:
+        self.states[(layer, branch)] = state
+
+    def calibrated_layers(self) -> dict:
+        """layer -> (mean key cluster count over heads and branches, any head hard)."""
+        per_layer = defaultdict(list)
+        for (layer, _), state in self.states.items():
+            per_layer[layer].append(state)
+        return {layer: (float(torch.stack([s.k_counts.float().mean() for s in states]).mean()),
+                        bool(torch.stack([s.hard.any() for s in states]).any()))
+                for layer, states in per_layer.items()}
+
+    def record(self, rec: CallRecord) -> None:
+        self.records.append(rec)
+
+    # ------------------------------------------------------------------ report
+    def report(self) -> Optional[RunReport]:
+        """Statistics of the current run, or of the last finished run when none is active."""
+        if not self.active and self._summary is not None:
+            return self._summary
+        if not self.records:
+            return None
+        by_layer = defaultdict(list)
+        steps = defaultdict(lambda: [0, 0])
+        reasons = Counter()
+        for rec in self.records:
+            by_layer[rec.layer].append(rec)
+            steps[rec.step][0 if rec.sparse else 1] += 1
+            if not rec.sparse:
+                reasons[rec.reason] += 1
+        calibrated = self.calibrated_layers()
+        layers = []
+        for layer in sorted(by_layer):
+            recs = by_layer[layer]
+            sparse = [r for r in recs if r.sparse]
+            kept = torch.stack([r.kept.float().mean(0).cpu() for r in sparse]) if sparse else None
+            counts = [r.key_counts.float().mean(0).cpu() for r in recs if r.key_counts is not None]
+            layers.append(LayerReport(
+                layer=layer,
+                sparse_calls=len(sparse),
+                dense_calls=len(recs) - len(sparse),
+                kept_fraction=float(kept.mean()) if kept is not None else float("nan"),
+                kept_per_head=kept.mean(0).tolist() if kept is not None else [],
+                key_clusters_per_head=counts[-1].tolist() if counts else [],
+                dense_layer=bool(self.dense_layers and layer in self.dense_layers),
+                hard=calibrated.get(layer, (0.0, False))[1],
+                time_ms=sum(r.total.milliseconds() for r in recs),
+                clustering_ms=sum(r.clustering.milliseconds() for r in recs if r.clustering is not None),
+            ))
+        step_rows = [{"step": s, "sparse_calls": v[0], "dense_calls": v[1]} for s, v in sorted(steps.items())]
+        return RunReport(self.method, self.total_steps, layers, step_rows, dict(reasons),
+                         sum(r.time_ms for r in layers))

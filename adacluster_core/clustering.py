@@ -1,0 +1,134 @@
+"""Query and key clustering (ALGORITHMS.md 1.1, 1.2, 1.4).
+
+Queries: spherical k-means on unit-normalised queries with a fixed count. Keys: Euclidean k-means whose
+count is chosen per (layer, head) at calibration by the threshold-wise multi-stage procedure; later steps
+warm-start from the cached centroids with the count fixed. All tensors are batched over (B, H); per-head
+key counts are padded to the largest count with unused centroid slots.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from .. import kernels
+
+
+@dataclass
+class Clusters:
+    centroids: torch.Tensor  # (B, H, C, d) fp32 (unit rows for spherical query clusters)
+    labels: torch.Tensor  # (B, H, N) int64
+    sizes: torch.Tensor  # (B, H, C) int64
+    counts: torch.Tensor  # (B, H) int64 number of usable centroid slots per head
+
+
+@dataclass
+class KeyCalibration:
+    clusters: Clusters
+    hard: torch.Tensor  # (B, H) bool: count above the cap, or keys left beyond the threshold
+    threshold: torch.Tensor  # (B, H) fp32 distance threshold tau (Euclidean, not squared)
+    stages: torch.Tensor  # (B, H) int64 stages used
+
+
+def sample_rows(x: torch.Tensor, count: int, generator: Optional[torch.Generator]) -> torch.Tensor:
+    """``count`` distinct rows of x (..., N, d) per leading index, as initial centroids (fp32)."""
+    n = x.shape[-2]
+    noise = torch.rand(*x.shape[:-2], n, generator=generator, device="cpu").to(x.device)
+    index = noise.topk(min(count, n), dim=-1).indices
+    if count > n:  # more clusters than rows: repeat rows; duplicates simply stay empty
+        index = index.repeat_interleave(-(-count // n), dim=-1)[..., :count]
+    return x.float().gather(-2, index.unsqueeze(-1).expand(*index.shape, x.shape[-1]))
+
+
+def generator_for(seed: int, layer: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed * 1_000_003 + layer)
+
+
+def cluster_queries(q: torch.Tensor, n_clusters: int, iters: int, init: Optional[torch.Tensor] = None,
+                    generator: Optional[torch.Generator] = None) -> Clusters:
+    """Spherical k-means of the normalised queries (B, H, N, d); warm-started when ``init`` is given."""
+    unit = kernels.normalize_rows(q)
+    if init is None:
+        init = sample_rows(unit, n_clusters, generator)
+    centroids, labels, sizes, _ = kernels.kmeans(unit, init, iters, True)
+    counts = torch.full(q.shape[:2], centroids.shape[-2], dtype=torch.int64, device=q.device)
+    return Clusters(centroids, labels, sizes, counts)
+
+
+def cluster_keys_fixed(k: torch.Tensor, init: torch.Tensor, counts: torch.Tensor, iters: int) -> Clusters:
+    """Euclidean k-means of keys with a fixed per-head count (warm start or profile start)."""
+    centroids, labels, sizes, _ = kernels.kmeans(k, init, iters, False, counts)
+    return Clusters(centroids, labels, sizes, counts)
+
+
+def calibrate_keys(k: torch.Tensor, initial_clusters: int, alpha: float, relative: bool, max_stages: int,
+                   cap_fraction: float, iters: int, generator: Optional[torch.Generator] = None) -> KeyCalibration:
+    """Threshold-wise multi-stage clustering: picks the number of key clusters per (batch, head).
+
+    Stage 1 clusters every key into ``initial_clusters``; tau = alpha * mean distance (relative) or alpha
+    (absolute). Keys farther than tau from their centroid are re-clustered alone with a number of new
+    clusters proportional to their share (at most ``initial_clusters``); keys that now lie within tau are
+    accepted. This repeats for at most ``max_stages`` stages. A head is hard to compress when it needs more
+    than ``cap_fraction * N`` clusters or still has keys beyond tau after the last stage.
+    Runs once per layer per run; loops over heads on the host, which is fine at that rate."""
+    batch, heads, n, d = k.shape
+    kf = k.float()
+    first = kernels.kmeans(kf, sample_rows(kf, initial_clusters, generator), iters, False)
+    first_centroids, first_labels, _, first_fit = first
+    distance = first_fit.sqrt()
+    tau = alpha * distance.mean(-1) if relative else torch.full((batch, heads), float(alpha), device=k.device)
+    mean_cluster_size = max(1.0, n / initial_clusters)
+
+    per_head = []
+    for b in range(batch):
+        for h in range(heads):
+            per_head.append(_refine_head(kf[b, h], first_centroids[b, h], first_labels[b, h], distance[b, h],
+                                         float(tau[b, h]), initial_clusters, max_stages, mean_cluster_size,
+                                         iters, generator))
+    max_count = max(c.shape[0] for c, _, _, _ in per_head)
+    centroids = torch.zeros(batch, heads, max_count, d, device=k.device)
+    labels = torch.empty(batch, heads, n, dtype=torch.int64, device=k.device)
+    counts = torch.empty(batch, heads, dtype=torch.int64, device=k.device)
+    leftover = torch.empty(batch, heads, dtype=torch.bool, device=k.device)
+    stages = torch.empty(batch, heads, dtype=torch.int64, device=k.device)
+    for index, (c, lab, left, used) in enumerate(per_head):
+        b, h = divmod(index, heads)
+        centroids[b, h, : c.shape[0]] = c
+        labels[b, h], counts[b, h], leftover[b, h], stages[b, h] = lab, c.shape[0], left, used
+    sizes = _bincount(labels, max_count)
+    hard = leftover | (counts > cap_fraction * n)
+    return KeyCalibration(Clusters(centroids, labels, sizes, counts), hard, tau, stages)
+
+
+def _refine_head(x, centroids, labels, distance, tau, initial_clusters, max_stages, mean_cluster_size, iters,
+                 generator):
+    """Stages 2.. of calibrate_keys for one head. Returns (centroids, labels, leftover outliers?, stages)."""
+    centroid_list = [centroids]
+    labels = labels.clone()
+    outliers = distance > tau
+    used = 1
+    while bool(outliers.any()) and used < max_stages:
+        idx = outliers.nonzero().flatten()
+        count = int(min(initial_clusters, max(1, math.ceil(idx.numel() / mean_cluster_size))))
+        pts = x[idx]
+        new_c, new_lab, _, new_fit = kernels.kmeans(pts, sample_rows(pts, count, generator), iters, False)
+        offset = sum(c.shape[0] for c in centroid_list)
+        centroid_list.append(new_c)
+        labels[idx] = new_lab + offset
+        outliers[idx] = new_fit.sqrt() > tau
+        used += 1
+    all_centroids = torch.cat(centroid_list)
+    # Drop empty clusters so the count is the number of clusters actually used.
+    sizes = torch.bincount(labels, minlength=all_centroids.shape[0])
+    keep = sizes > 0
+    remap = torch.cumsum(keep.long(), 0) - 1
+    return all_centroids[keep], remap[labels], bool(outliers.any()), used
+
+
+def _bincount(labels: torch.Tensor, n_bins: int) -> torch.Tensor:
+    flat = labels.reshape(-1, labels.shape[-1])
+    offsets = torch.arange(flat.shape[0], device=labels.device).unsqueeze(-1) * n_bins
+    return torch.bincount((flat + offsets).reshape(-1), minlength=flat.shape[0] * n_bins).reshape(
+        *labels.shape[:-1], n_bins)

@@ -1,0 +1,132 @@
+"""Critical-cluster selection (ALGORITHMS.md 1.3 / 1.3a): from query and key clusters to a Layout.
+
+Selection is made of parts, chosen by SelectionConfig:
+* score of key cluster j for query cluster i: the TensorQuest bound ("quest"), the size-weighted
+  centroid estimate ("centroid", SVG2's rule) or a blend of the two;
+* count: a fixed Top-K, or the smallest set whose estimated attention mass reaches top_p ("mass");
+* guard rails: a minimum fraction of key tokens, the key clusters that hold the query cluster's own
+  tokens, and each query's own block in original order (layout.local_block);
+* a pooled tail for what is skipped (layout.tail).
+Everything stays on the device and avoids host synchronisation.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .. import kernels
+from .clustering import Clusters
+from .config import SelectionConfig
+from .layout import Layout
+
+# A key cluster counts as holding a query cluster's "own" tokens when it holds at least this share of them.
+OWN_CLUSTER_MIN_SHARE = 0.1
+
+
+def cluster_logits(q: torch.Tensor, k: torch.Tensor, qc: Clusters, kc: Clusters, score: str,
+                   blend_weight: float, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per (query cluster, key cluster) ranking score and estimated log attention mass, (B, H, Cq, Ck).
+
+    The query representative is the unit centroid for the bound (ranking does not depend on |q|) scaled by
+    the members' mean norm to become a logit; the centroid estimate uses the mean raw query. Both mass
+    estimates add log |K_j|, since a cluster's share of the softmax grows with its size."""
+    n_q, n_k = qc.centroids.shape[-2], kc.centroids.shape[-2]
+    q_mean, q_sizes = kernels.segment_means(q, qc.labels, n_q)
+    k_sizes = kc.sizes.float()
+    log_size = torch.log(k_sizes).unsqueeze(-2)  # -inf for empty clusters
+    if score in ("quest", "blend"):
+        high, low = kernels.cluster_minmax(k, kc.labels, n_k)
+        unit = kernels.normalize_rows(qc.centroids)
+        bound = kernels.quest_scores(unit, high, low)  # (B, H, Cq, Ck), -inf for empty key clusters
+        q_norm = _mean_norm(q, qc.labels, n_q, q_sizes)
+        quest_logit = bound * q_norm.unsqueeze(-1) * scale
+    if score in ("centroid", "blend"):
+        centroid_logit = (q_mean @ kc.centroids.float().transpose(-1, -2)) * scale
+        centroid_logit = centroid_logit.masked_fill(k_sizes.unsqueeze(-2) == 0, float("-inf"))
+    if score == "quest":
+        return bound, quest_logit + log_size
+    if score == "centroid":
+        logit = centroid_logit + log_size
+        return logit, logit
+    blended = blend_weight * quest_logit + (1.0 - blend_weight) * centroid_logit + log_size
+    return blended, blended
+
+
+def _mean_norm(q, labels, n_clusters, sizes):
+    norms = q.float().norm(dim=-1, keepdim=True)
+    total = torch.zeros(*q.shape[:-2], n_clusters, 1, device=q.device)
+    total.scatter_add_(-2, labels.unsqueeze(-1), norms)
+    return (total.squeeze(-1) / sizes.clamp_min(1)).float()
+
+
+def choose_clusters(rank: torch.Tensor, log_mass: torch.Tensor, k_sizes: torch.Tensor, tokens: int,
+                    config: SelectionConfig) -> torch.Tensor:
+    """(B, H, Cq, Ck) bool selection from scores: Top-K or cumulative mass, then the minimum-fraction guard."""
+    n_k = rank.shape[-1]
+    order = rank.argsort(dim=-1, descending=True)
+    position = torch.empty_like(order)
+    position.scatter_(-1, order, torch.arange(n_k, device=rank.device).expand_as(order))
+    valid = torch.isfinite(rank) & (k_sizes.unsqueeze(-2) > 0)
+    if config.count == "topk":
+        keep = position < config.top_k
+    else:
+        mass = torch.softmax(log_mass, dim=-1).nan_to_num(0.0)
+        mass_sorted = mass.gather(-1, order)
+        before = torch.cumsum(mass_sorted, dim=-1) - mass_sorted  # mass of the clusters ranked higher
+        keep = (before < config.top_p).gather(-1, position)
+    if config.min_kept_fraction > 0:
+        sizes_sorted = k_sizes.unsqueeze(-2).expand_as(rank).gather(-1, order).float()
+        tokens_before = torch.cumsum(sizes_sorted, dim=-1) - sizes_sorted
+        needed = (tokens_before < config.min_kept_fraction * tokens).gather(-1, position)
+        keep = keep | needed
+    return keep & valid
+
+
+def own_clusters(qc: Clusters, kc: Clusters) -> torch.Tensor:
+    """(B, H, Cq, Ck) bool: key clusters holding at least OWN_CLUSTER_MIN_SHARE of a query cluster's tokens."""
+    n_q, n_k = qc.centroids.shape[-2], kc.centroids.shape[-2]
+    pair = qc.labels * n_k + kc.labels
+    overlap = torch.zeros(*pair.shape[:-1], n_q * n_k, device=pair.device)
+    overlap.scatter_add_(-1, pair, torch.ones_like(pair, dtype=torch.float32))
+    overlap = overlap.reshape(*pair.shape[:-1], n_q, n_k)
+    return overlap >= OWN_CLUSTER_MIN_SHARE * qc.sizes.unsqueeze(-1).clamp_min(1)
+
+
+def build_layout(q: torch.Tensor, k: torch.Tensor, qc: Clusters, kc: Clusters, config: SelectionConfig,
+                 scale: float | None = None) -> Layout:
+    """The Layout for video tokens q, k (B, H, N, d) clustered into qc and kc."""
+    n = q.shape[-2]
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    rank, log_mass = cluster_logits(q, k, qc, kc, config.score, config.blend_weight, scale)
+    selected = choose_clusters(rank, log_mass, kc.sizes, n, config)
+    if config.own_clusters:
+        selected = selected | own_clusters(qc, kc)
+    q_perm, q_offsets = kernels.segments_from_labels(qc.labels, qc.centroids.shape[-2])
+    k_perm, k_offsets = kernels.segments_from_labels(kc.labels, kc.centroids.shape[-2])
+    return Layout(q_offsets=q_offsets, k_offsets=k_offsets, selected=selected, q_perm=q_perm, k_perm=k_perm,
+                  local_block=config.local_block, tail=config.tail)
+
+
+def kept_fraction(layout: Layout, q_labels: torch.Tensor, k_labels: torch.Tensor) -> torch.Tensor:
+    """(B, H) fraction of query-key pairs attended exactly, counting the local blocks without overlap."""
+    base = layout.kept_fraction()
+    if not layout.local_block:
+        return base
+    n = q_labels.shape[-1]
+    block = layout.local_block
+    n_blocks = -(-n // block)
+    block_of = torch.arange(n, device=q_labels.device) // block
+    q_hist = _block_histogram(q_labels, block_of, n_blocks, layout.num_query_segments)  # (B,H,nb,Sq)
+    k_hist = _block_histogram(k_labels, block_of, n_blocks, layout.num_key_segments)  # (B,H,nb,Sk)
+    sizes = torch.bincount(block_of, minlength=n_blocks).float()
+    already = ((q_hist @ layout.selected.float()) * k_hist).sum((-1, -2))  # selected pairs inside blocks
+    extra = (sizes * sizes).sum() - already
+    return base + extra / float(n * n)
+
+
+def _block_histogram(labels, block_of, n_blocks, n_segments):
+    index = block_of * n_segments + labels
+    hist = torch.zeros(*labels.shape[:-1], n_blocks * n_segments, device=labels.device)
+    hist.scatter_add_(-1, index, torch.ones_like(labels, dtype=torch.float32))
+    return hist.reshape(*labels.shape[:-1], n_blocks, n_segments)
