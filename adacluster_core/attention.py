@@ -65,7 +65,7 @@ class SparseAttention:
             calibrated = cache.calibrated_layers()
             if calibrated:
                 ranked = sorted(calibrated, key=lambda layer: calibrated[layer][0], reverse=True)
-                n_dense = math.ceil(self.config.dense_layer_fraction * len(ranked) - 1e-9)
+                n_dense = math.floor(self.config.dense_layer_fraction * len(ranked) + 0.5)  # nearest, halves up
                 hard = {layer for layer, (_, is_hard) in calibrated.items() if is_hard}
                 cache.dense_layers = frozenset(ranked[:n_dense]) | hard
         return cache.dense_layers

@@ -7,7 +7,6 @@ key counts are padded to the largest count with unused centroid slots.
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Optional
 
@@ -68,9 +67,8 @@ def calibrate_keys(k: torch.Tensor, initial_clusters: int, alpha: float, relativ
     """Threshold-wise multi-stage clustering: picks the number of key clusters per (batch, head).
 
     Stage 1 clusters every key into ``initial_clusters``; tau = alpha * mean distance (relative) or alpha
-    (absolute). Keys farther than tau from their centroid are re-clustered alone with a number of new
-    clusters proportional to their share (at most ``initial_clusters``); keys that now lie within tau are
-    accepted. This repeats for at most ``max_stages`` stages. A head is hard to compress when it needs more
+    (absolute). Keys farther than tau from their centroid are re-clustered alone into at most
+    ``initial_clusters`` new clusters; keys that now lie within tau are accepted. This repeats for at most ``max_stages`` stages. A head is hard to compress when it needs more
     than ``cap_fraction * N`` clusters or still has keys beyond tau after the last stage.
     Runs once per layer per run; loops over heads on the host, which is fine at that rate."""
     batch, heads, n, d = k.shape
@@ -79,14 +77,12 @@ def calibrate_keys(k: torch.Tensor, initial_clusters: int, alpha: float, relativ
     first_centroids, first_labels, _, first_fit = first
     distance = first_fit.sqrt()
     tau = alpha * distance.mean(-1) if relative else torch.full((batch, heads), float(alpha), device=k.device)
-    mean_cluster_size = max(1.0, n / initial_clusters)
 
     per_head = []
     for b in range(batch):
         for h in range(heads):
             per_head.append(_refine_head(kf[b, h], first_centroids[b, h], first_labels[b, h], distance[b, h],
-                                         float(tau[b, h]), initial_clusters, max_stages, mean_cluster_size,
-                                         iters, generator))
+                                         float(tau[b, h]), initial_clusters, max_stages, iters, generator))
     max_count = max(c.shape[0] for c, _, _, _ in per_head)
     centroids = torch.zeros(batch, heads, max_count, d, device=k.device)
     labels = torch.empty(batch, heads, n, dtype=torch.int64, device=k.device)
@@ -102,8 +98,7 @@ def calibrate_keys(k: torch.Tensor, initial_clusters: int, alpha: float, relativ
     return KeyCalibration(Clusters(centroids, labels, sizes, counts), hard, tau, stages)
 
 
-def _refine_head(x, centroids, labels, distance, tau, initial_clusters, max_stages, mean_cluster_size, iters,
-                 generator):
+def _refine_head(x, centroids, labels, distance, tau, initial_clusters, max_stages, iters, generator):
     """Stages 2.. of calibrate_keys for one head. Returns (centroids, labels, leftover outliers?, stages)."""
     centroid_list = [centroids]
     labels = labels.clone()
@@ -111,7 +106,7 @@ def _refine_head(x, centroids, labels, distance, tau, initial_clusters, max_stag
     used = 1
     while bool(outliers.any()) and used < max_stages:
         idx = outliers.nonzero().flatten()
-        count = int(min(initial_clusters, max(1, math.ceil(idx.numel() / mean_cluster_size))))
+        count = min(initial_clusters, idx.numel())
         pts = x[idx]
         new_c, new_lab, _, new_fit = kernels.kmeans(pts, sample_rows(pts, count, generator), iters, False)
         offset = sum(c.shape[0] for c in centroid_list)

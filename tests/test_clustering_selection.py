@@ -1,0 +1,89 @@
+"""Clustering and selection: the invariants ALGORITHMS.md 1.1-1.3 promises."""
+import torch
+
+from comfyui_adacluster.adacluster_core import clustering, selection
+from comfyui_adacluster.adacluster_core.config import SELECTION_RECIPES
+from comfyui_adacluster.kernels import reference as R
+from conftest import structured_qkv
+
+
+def test_query_normalisation_does_not_change_the_selection():
+    q, k, _ = structured_qkv(batch=1, heads=2, n=900, d=16, seed=1)
+    scaled = q * (0.2 + 5 * torch.rand(*q.shape[:-1], 1))  # every query gets its own positive length
+    gen = clustering.generator_for(0, 0)
+    init = clustering.sample_rows(R.normalize_rows(q), 9, gen)
+    qc = clustering.cluster_queries(q, 9, 3, init=init)
+    qc_scaled = clustering.cluster_queries(scaled, 9, 3, init=init)
+    assert torch.equal(qc.labels, qc_scaled.labels)
+    kc = clustering.calibrate_keys(k, 20, 1.5, True, 10, 1 / 3, 3, clustering.generator_for(0, 1)).clusters
+    paper = SELECTION_RECIPES["paper"]
+    config = type(paper)(**{**paper.__dict__, "top_k": 6})
+    a = selection.build_layout(q, k, qc, kc, config)
+    b = selection.build_layout(scaled, k, qc_scaled, kc, config)
+    assert torch.equal(a.selected, b.selected)
+    rank_a, _ = selection.cluster_logits(q, k, qc, kc, "quest", 0.5, 0.25)
+    rank_b, _ = selection.cluster_logits(scaled, k, qc_scaled, kc, "quest", 0.5, 0.25)
+    assert torch.equal(rank_a.argsort(-1), rank_b.argsort(-1))
+
+
+def test_every_key_within_threshold_or_head_flagged():
+    for seed, alpha in [(2, 1.5), (3, 1.0), (4, 0.6)]:
+        _, k, _ = structured_qkv(batch=1, heads=3, n=1200, d=16, seed=seed)
+        k[..., :40, :] *= 6  # a few far outliers
+        calib = clustering.calibrate_keys(k, 16, alpha, True, 10, 1 / 3, 3, clustering.generator_for(seed, 0))
+        c = calib.clusters
+        assigned = c.centroids.gather(2, c.labels.unsqueeze(-1).expand(*c.labels.shape, k.shape[-1]))
+        distance = (k - assigned).norm(dim=-1)
+        within = (distance <= calib.threshold.unsqueeze(-1) * (1 + 1e-4)).all(-1)
+        assert bool((within | calib.hard).all())
+        assert bool((c.sizes.sum(-1) == 1200).all())
+        used = (c.sizes > 0).sum(-1)
+        assert torch.equal(used, c.counts)  # empty clusters were compacted away
+
+
+def test_adaptive_count_grows_for_looser_keys():
+    _, tight, _ = structured_qkv(batch=1, heads=1, n=1500, d=16, groups=8, seed=5)
+    loose = torch.randn(1, 1, 1500, 16) * 2
+    args = (16, 2.5, False, 10, 1 / 3, 3)  # absolute threshold: the same distance budget for both
+    n_tight = clustering.calibrate_keys(tight, *args, clustering.generator_for(0, 0)).clusters.counts.item()
+    n_loose = clustering.calibrate_keys(loose, *args, clustering.generator_for(0, 0)).clusters.counts.item()
+    assert n_loose > n_tight
+
+
+def test_absolute_threshold_and_hard_cap():
+    _, k, _ = structured_qkv(batch=1, heads=2, n=600, d=16, seed=6)
+    calib = clustering.calibrate_keys(k, 10, 0.05, False, 3, 0.05, 2, clustering.generator_for(0, 0))
+    torch.testing.assert_close(calib.threshold, torch.full((1, 2), 0.05))
+    assert bool(calib.hard.all())  # a tiny absolute threshold cannot be met within 3 stages
+
+
+def test_topk_and_mass_counts_and_min_fraction_guard():
+    rank = torch.tensor([[[[3.0, 1.0, 2.0, 0.0, float("-inf")]]]])
+    sizes = torch.tensor([[[10, 10, 10, 70, 0]]])
+    base = SELECTION_RECIPES["paper"]
+    topk = type(base)(**{**base.__dict__, "top_k": 2, "min_kept_fraction": 0.0})
+    assert selection.choose_clusters(rank, rank, sizes, 100, topk).tolist() == [[[[True, False, True, False, False]]]]
+    # Top-1 keeps 10 of 100 tokens; the guard adds clusters in score order until 25 tokens are kept.
+    guarded = type(base)(**{**base.__dict__, "top_k": 1, "min_kept_fraction": 0.25})
+    assert selection.choose_clusters(rank, rank, sizes, 100, guarded).tolist() == [[[[True, True, True, False, False]]]]
+    log_mass = torch.log(torch.tensor([[[[0.5, 0.1, 0.3, 0.1, 0.0]]]]))
+    mass = type(base)(**{**base.__dict__, "count": "mass", "top_p": 0.75, "min_kept_fraction": 0.0})
+    assert selection.choose_clusters(log_mass, log_mass, sizes, 100, mass).tolist() == [[[[True, False, True, False, False]]]]
+
+
+def test_own_clusters_and_kept_fraction_with_local_blocks():
+    q, k, _ = structured_qkv(batch=1, heads=2, n=700, d=16, seed=7)
+    qc = clustering.cluster_queries(q, 6, 2, generator=clustering.generator_for(0, 0))
+    kc = clustering.calibrate_keys(k, 12, 1.5, True, 10, 1 / 3, 2, clustering.generator_for(0, 1)).clusters
+    config = SELECTION_RECIPES["hybrid"]
+    layout = selection.build_layout(q, k, qc, kc, config)
+    own = selection.own_clusters(qc, kc)
+    assert bool((layout.selected | ~own).all())
+    kept = selection.kept_fraction(layout, qc.labels, kc.labels)
+    # brute force: count attended pairs
+    n = 700
+    per_query = layout.selected.gather(-2, qc.labels.unsqueeze(-1).expand(1, 2, n, layout.num_key_segments))
+    allowed = per_query.gather(-1, kc.labels.unsqueeze(-2).expand(1, 2, n, n))
+    block = torch.arange(n) // config.local_block
+    allowed = allowed | (block[:, None] == block[None, :])
+    torch.testing.assert_close(kept, allowed.double().mean((-1, -2)), atol=1e-7, rtol=1e-6)

@@ -1,0 +1,56 @@
+"""Configuration errors name the value and the range; presets load; the step follows the sigmas."""
+import pytest
+
+from comfyui_adacluster.adacluster_core.config import (ConfigError, MODEL_FAMILIES, SELECTION_RECIPES,
+                                                      AdaClusterConfig, from_dict, load_preset, to_dict)
+from comfyui_adacluster.adacluster_core.schedule import Phase, phase_of, step_from_sigmas
+
+
+@pytest.mark.parametrize("values,message", [
+    ({"query_clusters": -3}, r"query_clusters = -3 .*\[1, 4096\]"),
+    ({"initial_key_clusters": 0}, r"initial_key_clusters = 0 .*\[1, 4096\]"),
+    ({"sparsity_threshold": 0.0}, r"sparsity_threshold = 0.0 .*\(0.0, inf\]"),
+    ({"sparsity_threshold": -1}, r"sparsity_threshold = -1"),
+    ({"dense_layer_fraction": 1.5}, r"dense_layer_fraction = 1.5 .*\[0.0, 1.0\]"),
+    ({"warmup_steps": 2.5}, r"warmup_steps must be an integer"),
+    ({"recipe": "fast"}, r"recipe = 'fast' is not one of"),
+    ({"selection.top_p": 0}, r"selection.top_p = 0 "),
+    ({"selection.score": "magic"}, r"selection.score = 'magic'"),
+    ({"recipe": "paper", "initial_key_clusters": 4, "max_stages": 2, "selection.top_k": 9},
+     r"selection.top_k = 9 is larger than the most key clusters a layer can have \(initial_key_clusters x max_stages = 8\)"),
+    ({"not_a_setting": 1}, r"unknown setting 'not_a_setting'"),
+])
+def test_bad_values_name_the_value_and_range(values, message):
+    with pytest.raises(ConfigError, match=message):
+        from_dict(values)
+
+
+def test_unknown_preset_is_an_error_and_presets_load():
+    with pytest.raises(ConfigError, match="preset = 'flux'"):
+        load_preset("flux")
+    for family in MODEL_FAMILIES:
+        config = load_preset(family, warmup_steps=3)
+        assert config.warmup_steps == 3 and config.query_clusters == 65
+
+
+def test_round_trip_and_recipes():
+    config = AdaClusterConfig()
+    assert from_dict(to_dict(config)) == config
+    paper = config.replace(recipe="paper")
+    assert paper.selection == SELECTION_RECIPES["paper"] and paper.selection.score == "quest"
+    assert config.replace(**{"selection.top_k": 7}).selection.top_k == 7
+    with pytest.raises(ConfigError):
+        config.replace(query_clusters=0)
+
+
+def test_step_from_sigmas_handles_two_calls_per_step():
+    schedule = [14.6, 9.0, 5.0, 2.0, 0.6, 0.0]
+    assert [step_from_sigmas(s, schedule) for s in schedule[:-1]] == [0, 1, 2, 3, 4]
+    # Heun-like second evaluations land between schedule points and belong to the step that started above
+    assert [step_from_sigmas(s, schedule) for s in (11.0, 6.5, 3.0, 1.2, 0.2)] == [0, 1, 2, 3, 4]
+    assert step_from_sigmas(9.0 * (1 + 1e-7), schedule) == 1  # float noise on a schedule point
+
+
+def test_phase_of_step():
+    assert [phase_of(s, 3) for s in range(4)] == [Phase.WARMUP, Phase.WARMUP, Phase.CALIBRATE, Phase.SPARSE]
+    assert phase_of(0, 0) is Phase.SPARSE

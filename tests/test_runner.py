@@ -1,0 +1,180 @@
+"""The sparse attention runner end to end: exactness, warm starts, branches, cache lifecycle, profiles."""
+import pytest
+import torch
+
+from comfyui_adacluster import kernels
+from comfyui_adacluster.adacluster_core import clustering
+from comfyui_adacluster.adacluster_core.attention import CallInfo, SparseAttention
+from comfyui_adacluster.adacluster_core.cache import RunCache
+from comfyui_adacluster.adacluster_core.config import ConfigError, from_dict
+from comfyui_adacluster.adacluster_core.profiles import load_profile, save_profile
+from comfyui_adacluster.kernels import reference as R
+from conftest import structured_qkv
+
+SMALL = dict(warmup_steps=1, min_tokens=64, initial_key_clusters=12, query_clusters=5, max_stages=4)
+
+
+def dense_reference(q, k, v, mask=None):
+    return R.dense_attention(q, k, v, bias=mask)[0]
+
+
+def run_steps(runner, q, k, v, steps, layers=1, text_len=0, text_first=False, mask=None, branches=(1, 0)):
+    outputs = []
+    for step in range(steps):
+        for layer in range(layers):
+            call = CallInfo(layer, step, steps, branches, text_len=text_len, text_first=text_first, mask=mask)
+            outputs.append(runner(q, k, v, call, dense=lambda: dense_reference(q, k, v, mask)))
+    return outputs
+
+
+@pytest.mark.parametrize("recipe,text_len,text_first", [
+    ("paper", 0, False), ("paper", 17, False), ("paper", 17, True), ("hybrid", 0, False), ("hybrid", 23, True),
+    ("svg2", 11, False)])
+def test_selecting_every_cluster_reproduces_dense(recipe, text_len, text_first):
+    q, k, v = structured_qkv(batch=2, heads=3, n=601 + text_len, d=16, seed=text_len)
+    mask = None
+    if text_len:  # additive mask on padded text tokens, different per batch element
+        mask = torch.zeros(2, 1, 1, q.shape[-2])
+        text = slice(0, text_len) if text_first else slice(q.shape[-2] - text_len, q.shape[-2])
+        mask[0, ..., text] = torch.where(torch.arange(text_len) >= text_len - 4, float("-inf"), 0.0)
+        mask[1, ..., text] = -0.7
+    everything = {"selection.min_kept_fraction": 1.0} if recipe != "paper" else {"selection.top_k": 48}
+    config = from_dict({**SMALL, "recipe": recipe, "method": "svg2" if recipe == "svg2" else "adacluster",
+                        **everything})
+    cache = RunCache()
+    cache.start_run(3)
+    runner = SparseAttention(config, cache)
+    outputs = run_steps(runner, q, k, v, 3, text_len=text_len, text_first=text_first, mask=mask)
+    expected = dense_reference(q, k, v, mask)
+    assert all(r.sparse for r in cache.records[1:])
+    for out in outputs[1:]:
+        torch.testing.assert_close(out, expected, atol=2e-6, rtol=1e-5)
+
+
+def test_sparse_output_is_close_but_not_dense_at_low_density():
+    q, k, v = structured_qkv(batch=1, heads=2, n=1500, d=32, seed=3)
+    cache = RunCache()
+    cache.start_run(3)
+    runner = SparseAttention(from_dict(SMALL), cache)
+    out = run_steps(runner, q, k, v, 3, branches=(0,))[-1]
+    expected = dense_reference(q, k, v)
+    error = ((out - expected).norm() / expected.norm()).item()
+    kept = cache.report().layers[0].kept_fraction
+    assert 0 < kept < 0.9
+    assert 0 < error < 0.25
+
+
+def test_warm_started_steps_use_cached_centroids_per_branch(monkeypatch):
+    q, k, v = structured_qkv(batch=2, heads=2, n=800, d=16, seed=4)
+    cache = RunCache()
+    cache.start_run(4)
+    runner = SparseAttention(from_dict(SMALL), cache)
+    run_steps(runner, q, k, v, 1, branches=("uncond", "cond"))  # calibration step
+    uncond, cond = cache.state(0, "uncond"), cache.state(0, "cond")
+    assert uncond is not cond and not torch.equal(uncond.k_centroids, cond.k_centroids)
+    cached = {name: (s.q_centroids.clone(), s.k_centroids.clone()) for name, s in (("uncond", uncond), ("cond", cond))}
+
+    seen = []
+    real_kmeans = kernels.kmeans
+
+    def spy(x, init, iters, spherical, num_clusters=None):
+        seen.append((init.clone(), iters, spherical))
+        return real_kmeans(x, init, iters, spherical, num_clusters)
+
+    monkeypatch.setattr(kernels, "kmeans", spy)
+    monkeypatch.setattr(clustering, "calibrate_keys", lambda *a, **k: pytest.fail("sparse steps must not recalibrate"))
+    runner(q, k, v, CallInfo(0, 1, 4, ("uncond", "cond")), dense=lambda: dense_reference(q, k, v))
+    assert len(seen) == 4  # queries and keys, for each branch
+    for (init, iters, spherical), (name, which) in zip(seen, [("uncond", 0), ("uncond", 1), ("cond", 0), ("cond", 1)]):
+        assert iters == 1
+        assert spherical == (which == 0)
+        torch.testing.assert_close(init[0].float(), cached[name][which].float())
+    # the state moved on, per branch
+    assert not torch.equal(cache.state(0, "cond").k_centroids, cached["cond"][1])
+
+
+def test_policy_reasons():
+    cache = RunCache()
+    cache.start_run(10)
+    runner = SparseAttention(from_dict({**SMALL, "warmup_steps": 3, "min_tokens": 100}), cache)
+    call = CallInfo(0, 5, 10, (0,))
+    assert runner.decide((1, 2, 500, 16), (1, 2, 77, 16), call) == "cross-attention"
+    assert runner.decide((1, 2, 120, 16), (1, 2, 120, 16), CallInfo(0, 5, 10, (0,), text_len=30)).startswith("short")
+    assert runner.decide((1, 2, 500, 16), (1, 2, 500, 16), CallInfo(0, 1, 10, (0,))) == "warm-up step"
+    assert runner.decide((1, 2, 500, 16), (1, 2, 500, 16), CallInfo(0, 2, 10, (0,))) == "calibration step"
+
+
+def test_dense_layer_set_is_the_layers_with_most_clusters():
+    torch.manual_seed(5)
+    loose = torch.randn(1, 2, 900, 16)
+    tight_q, tight_k, v = structured_qkv(batch=1, heads=2, n=900, d=16, groups=4, seed=5)
+    cache = RunCache()
+    cache.start_run(3)
+    config = {**SMALL, "dense_layer_fraction": 0.5, "threshold_mode": "absolute", "sparsity_threshold": 2.5}
+    runner = SparseAttention(from_dict(config), cache)
+    for step in range(2):
+        for layer in range(4):
+            k = loose if layer == 2 else tight_k
+            runner(tight_q, k, v, CallInfo(layer, step, 3, (0,)), dense=lambda: dense_reference(tight_q, k, v))
+    assert 2 in cache.dense_layers and len(cache.dense_layers) == 2  # 0.5 * 4 layers
+    assert runner.decide(tight_q.shape, tight_q.shape, CallInfo(2, 2, 3, (0,))) == "dense layer"
+
+
+def test_cache_lifecycle_frees_everything():
+    q, k, v = structured_qkv(batch=2, heads=2, n=700, d=16, seed=6)
+    cache = RunCache()
+    cache.start_run(3)
+    runner = SparseAttention(from_dict(SMALL), cache)
+    run_steps(runner, q, k, v, 3, layers=2)
+    assert cache.memory_bytes() > 0 and len(cache.states) == 4
+    cache.end_run()
+    assert cache.memory_bytes() == 0 and not cache.states and not cache.records and not cache.active
+    report = cache.report()
+    assert report is not None and sum(r.sparse_calls for r in report.layers) == 4
+    assert "sparse steps: 1-2" in report.to_text()
+    cache.start_run(3)  # a new run starts from nothing
+    assert cache.report() is None and cache.dense_layers is None
+    cache.release()
+    assert cache.report() is None and cache.memory_bytes() == 0 and cache.last_calibration is None
+
+
+def test_profile_round_trip_skips_calibration(tmp_path, monkeypatch):
+    q, k, v = structured_qkv(batch=1, heads=2, n=700, d=16, seed=7)
+    cache = RunCache()
+    cache.start_run(3)
+    runner = SparseAttention(from_dict(SMALL), cache)
+    run_steps(runner, q, k, v, 2, layers=3, branches=(0,))
+    cache.end_run()
+    path = save_profile(cache.last_calibration, tmp_path / "wan.safetensors")
+    profile = load_profile(path)
+    assert profile.layers == [0, 1, 2] and profile.heads == 2 and profile.tokens == 700
+    assert torch.equal(profile.counts, cache.last_calibration.counts)
+
+    fresh = RunCache(profile=profile)
+    fresh.start_run(3)
+    monkeypatch.setattr(clustering, "calibrate_keys", lambda *a, **kw: pytest.fail("profile must skip calibration"))
+    runner = SparseAttention(from_dict(SMALL), fresh)
+    assert fresh.dense_layers == profile.dense_layers
+    run_steps(runner, q, k, v, 2, layers=3, branches=(0,))
+    for layer in range(3):
+        assert torch.equal(fresh.state(layer, 0).k_counts, profile.counts_for(layer).clamp_max(700))
+
+    other = RunCache(profile=profile)
+    other.start_run(3)
+    q3, k3, v3 = structured_qkv(batch=1, heads=3, n=700, d=16, seed=8)
+    with pytest.raises(ConfigError, match="2 heads"):
+        run_steps(SparseAttention(from_dict(SMALL), other), q3, k3, v3, 1, branches=(0,))
+
+
+def test_corrupt_or_foreign_profile_is_rejected(tmp_path):
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(b"not a safetensors file at all")
+    with pytest.raises(ConfigError, match="bad.safetensors"):
+        load_profile(bad)
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_profile(tmp_path / "missing.safetensors")
+    from safetensors.torch import save_file
+    foreign = tmp_path / "foreign.safetensors"
+    save_file({"weight": torch.randn(2, 2)}, str(foreign))
+    with pytest.raises(ConfigError, match="format"):
+        load_profile(foreign)
