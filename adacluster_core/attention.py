@@ -19,6 +19,7 @@ from . import clustering, selection
 from .cache import BranchState, CallRecord, RunCache, Timer
 from .clustering import Clusters
 from .config import AdaClusterConfig
+from .layout import Layout
 from .schedule import Phase, phase_of
 
 
@@ -34,10 +35,14 @@ class CallInfo:
 
 
 class SparseAttention:
-    def __init__(self, config: AdaClusterConfig, cache: RunCache):
+    """``observer(call, batch_index, layout)``, if given, sees every layout before it runs (for measurements)."""
+
+    def __init__(self, config: AdaClusterConfig, cache: RunCache,
+                 observer: Optional[Callable[[CallInfo, int, Layout], None]] = None):
         self.config = config.validate()
         self.cache = cache
         self.cache.method = config.method
+        self.observer = observer
 
     # ------------------------------------------------------------------ policy
     def decide(self, q_shape, k_shape, call: CallInfo) -> Optional[str]:
@@ -110,6 +115,8 @@ class SparseAttention:
             counts.append(kc.counts[0])
         clustering_timer.stop()
         for b, layout in enumerate(layouts):
+            if self.observer is not None:
+                self.observer(call, b, layout)
             text_k = text_v = text_bias = None
             if call.text_len:
                 text_k, text_v = k[b:b + 1, :, text], v[b:b + 1, :, text]
