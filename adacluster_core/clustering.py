@@ -93,7 +93,7 @@ def calibrate_keys(k: torch.Tensor, initial_clusters: int, alpha: float, relativ
         b, h = divmod(index, heads)
         centroids[b, h, : c.shape[0]] = c
         labels[b, h], counts[b, h], leftover[b, h], stages[b, h] = lab, c.shape[0], left, used
-    sizes = _bincount(labels, max_count)
+    sizes = kernels.reference.label_counts(labels, max_count)
     hard = leftover | (counts > cap_fraction * n)
     return KeyCalibration(Clusters(centroids, labels, sizes, counts), hard, tau, stages)
 
@@ -120,10 +120,3 @@ def _refine_head(x, centroids, labels, distance, tau, initial_clusters, max_stag
     keep = sizes > 0
     remap = torch.cumsum(keep.long(), 0) - 1
     return all_centroids[keep], remap[labels], bool(outliers.any()), used
-
-
-def _bincount(labels: torch.Tensor, n_bins: int) -> torch.Tensor:
-    flat = labels.reshape(-1, labels.shape[-1])
-    offsets = torch.arange(flat.shape[0], device=labels.device).unsqueeze(-1) * n_bins
-    return torch.bincount((flat + offsets).reshape(-1), minlength=flat.shape[0] * n_bins).reshape(
-        *labels.shape[:-1], n_bins)

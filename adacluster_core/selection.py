@@ -119,9 +119,10 @@ def kept_fraction(layout: Layout, q_labels: torch.Tensor, k_labels: torch.Tensor
     block_of = torch.arange(n, device=q_labels.device) // block
     q_hist = _block_histogram(q_labels, block_of, n_blocks, layout.num_query_segments)  # (B,H,nb,Sq)
     k_hist = _block_histogram(k_labels, block_of, n_blocks, layout.num_key_segments)  # (B,H,nb,Sk)
-    sizes = torch.bincount(block_of, minlength=n_blocks).float()
+    last = n - (n_blocks - 1) * block
+    block_pairs = (n_blocks - 1) * block * block + last * last
     already = ((q_hist @ layout.selected.float()) * k_hist).sum((-1, -2))  # selected pairs inside blocks
-    extra = (sizes * sizes).sum() - already
+    extra = block_pairs - already
     return base + extra / float(n * n)
 
 

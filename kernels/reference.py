@@ -66,16 +66,9 @@ def kmeans_update(x: torch.Tensor, labels: torch.Tensor, previous: torch.Tensor,
 
     Returns centroids (..., C, d) fp32 and sizes (..., C) int64."""
     x = x.float()
-    lead, n, d = x.shape[:-2], x.shape[-2], x.shape[-1]
-    n_clusters = previous.shape[-2]
-    groups = max(1, math.prod(lead))
-    flat_labels = labels.reshape(groups, n) + (torch.arange(groups, device=x.device) * n_clusters).unsqueeze(-1)
-    flat_labels = flat_labels.reshape(-1)
-    sums = torch.zeros(groups * n_clusters, d, device=x.device, dtype=torch.float32)
-    sums.index_add_(0, flat_labels, x.reshape(-1, d))
-    sizes = torch.bincount(flat_labels, minlength=groups * n_clusters)
-    sums = sums.reshape(*lead, n_clusters, d)
-    sizes = sizes.reshape(*lead, n_clusters)
+    sums = torch.zeros(*previous.shape, device=x.device, dtype=torch.float32)
+    sums.scatter_add_(-2, labels.unsqueeze(-1).expand(*labels.shape, x.shape[-1]), x)
+    sizes = label_counts(labels, previous.shape[-2])
     means = sums / sizes.clamp_min(1).unsqueeze(-1).float()
     if spherical:
         means = normalize_rows(means)
@@ -95,15 +88,14 @@ def kmeans(x: torch.Tensor, init: torch.Tensor, iters: int, spherical: bool,
         labels, _ = kmeans_assign(x, centroids, spherical, num_clusters)
         centroids, _ = kmeans_update(x, labels, centroids, spherical)
     labels, fit = kmeans_assign(x, centroids, spherical, num_clusters)
-    sizes = _bincount_last(labels, centroids.shape[-2])
+    sizes = label_counts(labels, centroids.shape[-2])
     return centroids, labels, sizes, fit
 
 
-def _bincount_last(labels: torch.Tensor, n_bins: int) -> torch.Tensor:
-    lead, n = labels.shape[:-1], labels.shape[-1]
-    groups = max(1, math.prod(lead))
-    flat = labels.reshape(groups, n) + (torch.arange(groups, device=labels.device) * n_bins).unsqueeze(-1)
-    return torch.bincount(flat.reshape(-1), minlength=groups * n_bins).reshape(*lead, n_bins)
+def label_counts(labels: torch.Tensor, n_bins: int) -> torch.Tensor:
+    """Counts of each label along the last dimension (scatter, so CUDA needs no host synchronisation)."""
+    counts = torch.zeros(*labels.shape[:-1], n_bins, dtype=torch.int64, device=labels.device)
+    return counts.scatter_add_(-1, labels, torch.ones_like(labels))
 
 
 def segments_from_labels(labels: torch.Tensor, n_segments: int):
@@ -111,7 +103,7 @@ def segments_from_labels(labels: torch.Tensor, n_segments: int):
 
     labels: (..., N) int64 in [0, n_segments). Returns perm (..., N) int64, offsets (..., S + 1) int64."""
     perm = torch.sort(labels, dim=-1, stable=True).indices
-    sizes = _bincount_last(labels, n_segments)
+    sizes = label_counts(labels, n_segments)
     offsets = torch.zeros(*sizes.shape[:-1], n_segments + 1, dtype=torch.int64, device=labels.device)
     offsets[..., 1:] = sizes.cumsum(-1)
     return perm, offsets

@@ -4,7 +4,7 @@ import torch
 from comfyui_adacluster.adacluster_core import clustering, selection
 from comfyui_adacluster.adacluster_core.config import SELECTION_RECIPES
 from comfyui_adacluster.kernels import reference as R
-from conftest import structured_qkv
+from qkv_data import structured_qkv
 
 
 def test_query_normalisation_does_not_change_the_selection():

@@ -9,7 +9,7 @@ from comfyui_adacluster.adacluster_core.cache import RunCache
 from comfyui_adacluster.adacluster_core.config import ConfigError, from_dict
 from comfyui_adacluster.adacluster_core.profiles import load_profile, save_profile
 from comfyui_adacluster.kernels import reference as R
-from conftest import structured_qkv
+from qkv_data import structured_qkv
 
 SMALL = dict(warmup_steps=1, min_tokens=64, initial_key_clusters=12, query_clusters=5, max_stages=4)
 

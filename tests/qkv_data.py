@@ -1,4 +1,4 @@
-import pytest
+"""Shared test inputs: q, k, v with cluster structure, fresh per seed."""
 import torch
 
 
@@ -14,6 +14,3 @@ def structured_qkv(batch=2, heads=2, n=1500, d=32, groups=12, seed=0):
     return q, k, v
 
 
-@pytest.fixture
-def qkv():
-    return structured_qkv()
