@@ -290,6 +290,8 @@ def execute_layout(q, k, v, layout, text_k=None, text_v=None, text_bias=None, sc
         if layout.tail:
             parts.append(tail_partial(q, k, v, layout, q_labels, k_labels, scale))
     if text_k is not None:
+        if text_bias is not None and text_bias.dtype == torch.bool:  # bool masks: True = attend (as in SDPA)
+            text_bias = torch.zeros(text_bias.shape, device=q.device).masked_fill(~text_bias, float("-inf"))
         parts.append(partial_attention(q, text_k, text_v, bias=text_bias, scale=scale))
     out, lse = merge_partials(parts)
     return (out.to(q.dtype), lse) if return_lse else out.to(q.dtype)

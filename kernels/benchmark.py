@@ -1,0 +1,281 @@
+"""Kernel benchmark on the GPU it finds: dense SDPA, FlexAttention on the same layout, the layout kernel,
+and one whole steady-state AdaCluster call, for the shapes of PERFORMANCE.md.
+
+    python -m comfyui_adacluster.kernels.benchmark [--shapes wan14b-720p ...] [--kept 0.10] [--out results.json]
+
+Layouts are clustered like AdaCluster's: 65 query clusters and N/100 (300..1000) key clusters of skewed,
+ragged sizes; every query cluster keeps key clusters (in random order) until ``--kept`` of the key tokens
+are kept. Times are medians of CUDA-event-timed runs after warm-up; inputs are random (never zeros).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import time
+
+import torch
+
+SHAPES = {  # name: (heads, tokens, head dim), batch 1, bf16
+    "cogvideox2b-480p": (30, 17550, 64),
+    "wan1.3b-480p": (12, 32760, 128),
+    "wan14b-480p": (40, 32760, 128),
+    "wan14b-720p": (40, 75600, 128),
+    "hunyuan-720p": (24, 118800, 128),
+}
+QUERY_CLUSTERS = 65
+
+
+def time_ms(fn, min_runs: int = 5, max_runs: int = 50, budget_ms: float = 1500.0) -> float:
+    """Median time of fn() in ms (CUDA events), after warm-up."""
+    fn()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    fn()
+    end.record()
+    end.synchronize()
+    estimate = max(start.elapsed_time(end), 1e-3)
+    runs = int(min(max_runs, max(min_runs, budget_ms // estimate)))
+    times = []
+    for _ in range(runs):
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+def fastest_dense(q, k, v):
+    """(name, ms) of the fastest torch SDPA backend, and all measured backends."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    results = {}
+    for backend in (SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION):
+        try:
+            with sdpa_kernel([backend]):
+                results[backend.name] = time_ms(lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v))
+        except RuntimeError as error:  # backend not available for this shape / GPU
+            results[backend.name] = f"unavailable: {str(error).splitlines()[0][:80]}"
+    timed = {name: ms for name, ms in results.items() if isinstance(ms, float)}
+    best = min(timed, key=timed.get)
+    return best, timed[best], results
+
+
+def skewed_labels(heads, tokens, n_clusters, generator, device):
+    weights = torch.rand(heads, n_clusters, generator=generator, device=device) ** 2 + 0.05
+    return torch.multinomial(weights, tokens, replacement=True, generator=generator).unsqueeze(0)
+
+
+def select_until_kept(scores, k_sizes, kept: float):
+    """Per query cluster: key clusters in score order until ``kept`` of the key tokens are kept.
+
+    scores (B, H, Cq, Ck), k_sizes (B, H, Ck). Device-only (sort, cumsum, scatter)."""
+    order = scores.sort(dim=-1, descending=True).indices
+    sizes_in_order = k_sizes.unsqueeze(-2).expand_as(scores).gather(-1, order).float()
+    before = sizes_in_order.cumsum(-1) - sizes_in_order
+    budget = kept * k_sizes.sum(-1, keepdim=True).unsqueeze(-1).float()
+    take = (before < budget) & torch.isfinite(scores.gather(-1, order))
+    return torch.zeros_like(take).scatter_(-1, order, take)
+
+
+def clustered_layout(heads, tokens, kept, generator, device):
+    from ..adacluster_core.layout import Layout
+    from . import triton_ops
+    n_keys = min(1000, max(300, tokens // 100))
+    q_labels = skewed_labels(heads, tokens, QUERY_CLUSTERS, generator, device)
+    k_labels = skewed_labels(heads, tokens, n_keys, generator, device)
+    q_perm, q_off = triton_ops.segments_from_labels(q_labels, QUERY_CLUSTERS)
+    k_perm, k_off = triton_ops.segments_from_labels(k_labels, n_keys)
+    scores = torch.rand(1, heads, QUERY_CLUSTERS, n_keys, generator=generator, device=device)
+    selected = select_until_kept(scores, k_off[..., 1:] - k_off[..., :-1], kept)
+    return Layout(q_offsets=q_off, k_offsets=k_off, selected=selected, q_perm=q_perm, k_perm=k_perm)
+
+
+def flex_block_mask(layout, tokens, block=128):
+    """FlexAttention BlockMask for the same layout over permuted q/k: block-level any/all from segment
+    overlaps, exact token mask in the partial blocks."""
+    from torch.nn.attention.flex_attention import BlockMask
+    sq, sk = layout.num_query_segments, layout.num_key_segments
+    n_blocks = -(-tokens // block)
+    padded = n_blocks * block
+    device = layout.selected.device
+    positions = torch.arange(padded, device=device)
+
+    def labels_in_order(offsets):  # (B, H, padded) segment of each permuted position (pads -> 0)
+        seg = torch.searchsorted(offsets[..., 1:].contiguous(), positions.expand(*offsets.shape[:-1], padded).contiguous(),
+                                 right=True)
+        return torch.where(positions < tokens, seg, 0).clamp_max(offsets.shape[-1] - 2)
+
+    q_seg, k_seg = labels_in_order(layout.q_offsets), labels_in_order(layout.k_offsets)
+    real = (positions < tokens).float()
+
+    def overlap(seg, n_seg):  # (B, H, n_blocks, n_seg) tokens of each segment in each block
+        one_hot = torch.nn.functional.one_hot(seg, n_seg).float() * real[:, None]
+        return one_hot.reshape(*seg.shape[:-1], n_blocks, block, n_seg).sum(-2)
+
+    cq, ck = overlap(q_seg, sq), overlap(k_seg, sk)
+    pairs = cq @ layout.selected.float() @ ck.transpose(-1, -2)  # selected token pairs per block pair
+    full_pairs = cq.sum(-1).unsqueeze(-1) * ck.sum(-1).unsqueeze(-2)
+    full = (pairs == full_pairs) & (pairs > 0)
+    partial = (pairs > 0) & ~full
+    def indices(mask):
+        count = mask.sum(-1).to(torch.int32)
+        order = mask.to(torch.int8).sort(dim=-1, descending=True, stable=True).indices.to(torch.int32)
+        return count, order
+    kv_num, kv_idx = indices(partial)
+    full_num, full_idx = indices(full)
+    selected = layout.selected
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        return selected[b, h, q_seg[b, h, q_idx], k_seg[b, h, kv_idx]]
+
+    return BlockMask.from_kv_blocks(kv_num, kv_idx, full_num, full_idx, BLOCK_SIZE=block, mask_mod=mask_mod,
+                                    seq_lengths=(tokens, tokens))
+
+
+class SteadyStateCall:
+    """One steady-state AdaCluster call from our kernels: warm-started spherical k-means of the queries
+    (1 iteration), Euclidean k-means of the keys (1 iteration, fixed per-head counts), cluster max/min,
+    TensorQuest scores, selection up to the kept fraction, layout execution (permutation fused)."""
+
+    def __init__(self, q, k, n_keys, kept, generator):
+        from . import triton_ops
+        self.ops, self.kept = triton_ops, kept
+        heads = q.shape[1]
+        unit = triton_ops.normalize_rows(q).to(q.dtype)
+        pick = lambda x, c: x.float()[:, :, torch.randperm(x.shape[2], generator=generator, device=x.device)[:c]]
+        self.q_centroids = triton_ops.kmeans(unit, pick(unit, QUERY_CLUSTERS), 3, True)[0]
+        self.counts = torch.full((1, heads), n_keys, device=q.device, dtype=torch.int64)
+        self.counts[0, heads // 2:] = int(n_keys * 0.8)  # per-head counts differ (padding slots)
+        self.k_centroids = triton_ops.kmeans(k, pick(k, n_keys), 3, False, self.counts)[0]
+
+    def plan(self, q, k):
+        from ..adacluster_core.layout import Layout
+        from .triton_cluster import segment_reduce
+        ops = self.ops
+        unit = ops.normalize_rows(q).to(q.dtype)  # unit rows are exact enough in bf16 for clustering
+        q_cent, q_labels, _, _ = ops.kmeans(unit, self.q_centroids, 1, True)
+        k_cent, k_labels, _, _ = ops.kmeans(k, self.k_centroids, 1, False, self.counts)
+        q_perm, q_off = ops.segments_from_labels(q_labels, q_cent.shape[-2])
+        k_perm, k_off = ops.segments_from_labels(k_labels, k_cent.shape[-2])
+        _, high, low = segment_reduce(k, k_perm, k_off, minmax=True)
+        shape = (*k.shape[:2], -1, k.shape[-1])
+        scores = ops.quest_scores(q_cent, high.reshape(shape), low.reshape(shape))
+        selected = select_until_kept(scores, k_off[..., 1:] - k_off[..., :-1], self.kept)
+        return Layout(q_offsets=q_off, k_offsets=k_off, selected=selected, q_perm=q_perm, k_perm=k_perm)
+
+    def __call__(self, q, k, v):
+        return self.ops.execute_layout(q, k, v, self.plan(q, k))
+
+
+def bench_shape(name, kept, generator, with_flex=True, with_call=True):
+    from . import triton_ops
+    heads, tokens, d = SHAPES[name]
+    device = "cuda"
+    q, k, v = [torch.randn(1, heads, tokens, d, generator=generator, device=device, dtype=torch.bfloat16)
+               for _ in range(3)]
+    row = {"shape": name, "heads": heads, "tokens": tokens, "head_dim": d}
+    backend, dense_ms, all_dense = fastest_dense(q, k, v)
+    row.update(dense_backend=backend, dense_ms=dense_ms, dense_all=all_dense,
+               dense_tflops=4 * heads * tokens ** 2 * d / dense_ms / 1e9)
+
+    layout = clustered_layout(heads, tokens, kept, generator, device)
+    row["kept_fraction"] = float(layout.kept_fraction().mean())
+    rho = row["kept_fraction"]
+    row["layout_ms"] = time_ms(lambda: triton_ops.execute_layout(q, k, v, layout))
+    row["layout_vs_floor"] = row["layout_ms"] / (rho * dense_ms)
+    row["layout_speedup"] = dense_ms / row["layout_ms"]
+
+    if with_flex:
+        try:
+            from torch.nn.attention.flex_attention import flex_attention
+            from .reference import gather_tokens
+            flex = torch.compile(flex_attention, dynamic=False)
+            block_mask = flex_block_mask(layout, tokens)
+            qp, kp, vp = gather_tokens(q, layout.q_perm), gather_tokens(k, layout.k_perm), gather_tokens(v, layout.k_perm)
+            row["flex_ms"] = time_ms(lambda: flex(qp, kp, vp, block_mask=block_mask))
+            row["flex_block_fraction"] = float((block_mask.kv_num_blocks.sum() + block_mask.full_kv_num_blocks.sum())
+                                               / (heads * block_mask.kv_num_blocks.shape[-1] ** 2))
+            row["layout_vs_flex"] = row["flex_ms"] / row["layout_ms"]
+        except Exception as error:  # noqa: BLE001 - report, keep benchmarking
+            row["flex_error"] = f"{type(error).__name__}: {str(error).splitlines()[0][:160]}"
+
+    if with_call:
+        n_keys = min(1000, max(300, tokens // 100))
+        call = SteadyStateCall(q, k, n_keys, kept, generator)
+        row["call_ms"] = time_ms(lambda: call(q, k, v))
+        row["call_plan_ms"] = time_ms(lambda: call.plan(q, k))
+        plan = call.plan(q, k)
+        row["call_kept_fraction"] = float(plan.kept_fraction().mean())
+        row["call_kernel_ms"] = time_ms(lambda: triton_ops.execute_layout(q, k, v, plan))
+        row["call_plan_share"] = row["call_plan_ms"] / row["call_ms"]
+        row["call_speedup"] = dense_ms / row["call_ms"]
+        try:  # the whole call must be capturable (no host synchronisation)
+            call(q, k, v)
+            torch.cuda.synchronize()
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                call(q, k, v)
+            row["call_graph_ms"] = time_ms(graph.replay)
+            row["call_graph_speedup"] = dense_ms / row["call_graph_ms"]
+        except Exception as error:  # noqa: BLE001
+            row["call_graph_error"] = f"{type(error).__name__}: {str(error).splitlines()[0][:160]}"
+    del q, k, v
+    torch.cuda.empty_cache()
+    return row
+
+
+def _fmt(value, digits=2):
+    return f"{value:.{digits}f}" if isinstance(value, float) else ("-" if value is None else str(value))
+
+
+def print_table(rows, device_name):
+    print(f"\nDevice: {device_name}; bf16, batch 1; times in ms (median)")
+    header = ["shape", "dense (backend)", "kept", "layout", "vs floor", "speedup", "flex", "flex/layout",
+              "call", "plan share", "call kept", "call speedup", "graph call"]
+    print(" | ".join(header))
+    for r in rows:
+        print(" | ".join([
+            r["shape"], f"{_fmt(r['dense_ms'])} ({r['dense_backend']})", f"{r['kept_fraction']:.3f}",
+            _fmt(r["layout_ms"]), _fmt(r["layout_vs_floor"]), f"{_fmt(r['layout_speedup'])}x",
+            _fmt(r.get("flex_ms", r.get("flex_error"))), _fmt(r.get("layout_vs_flex")),
+            _fmt(r.get("call_ms")), _fmt(r.get("call_plan_share")), _fmt(r.get("call_kept_fraction"), 3),
+            f"{_fmt(r.get('call_speedup'))}x", _fmt(r.get("call_graph_ms", r.get("call_graph_error"))),
+        ]))
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
+    parser.add_argument("--kept", type=float, default=0.10, help="fraction of key tokens kept (0, 1]")
+    parser.add_argument("--out", default="kernel_benchmark.json")
+    parser.add_argument("--no-flex", action="store_true")
+    parser.add_argument("--no-call", action="store_true")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    if not 0.0 < args.kept <= 1.0:
+        parser.error(f"--kept must be in (0, 1], got {args.kept}")
+    if not torch.cuda.is_available():
+        parser.error("the kernel benchmark needs a CUDA GPU")
+    generator = torch.Generator(device="cuda").manual_seed(args.seed)
+    device_name = torch.cuda.get_device_name()
+    rows = []
+    for name in args.shapes:
+        started = time.time()
+        rows.append(bench_shape(name, args.kept, generator, not args.no_flex, not args.no_call))
+        rows[-1]["bench_seconds"] = time.time() - started
+        print(json.dumps(rows[-1]), flush=True)
+    print_table(rows, device_name)
+    result = {"device": device_name, "torch": torch.__version__, "kept": args.kept, "dtype": "bfloat16",
+              "rows": rows}
+    import triton
+    result["triton"] = triton.__version__
+    with open(args.out, "w") as handle:
+        json.dump(result, handle, indent=1)
+    print(f"\nwrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

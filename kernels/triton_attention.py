@@ -1,0 +1,346 @@
+"""Triton layout attention (forward): one varlen block-sparse kernel for any Layout.
+
+Work decomposition
+* Query side: every query segment is cut into BLOCK_M tiles of its permuted rows. The tile table is built
+  on the device; the grid is sized by the bound ceil(N / BLOCK_M) + Sq per (batch, head) and surplus
+  programs exit at once, so nothing waits for the host.
+* Key side: the selected key segments of a query segment, in permuted order, are concatenated into one
+  "stream" that is walked in chunks of at most BLOCK_N keys. A chunk may span several small segments, so
+  ragged clusters cost no padding beyond the last chunk. Chunk boundaries are every BLOCK_N stream
+  positions plus every WINDOW-th segment boundary; hence one chunk touches at most WINDOW segments and a
+  lane finds its segment with a WINDOW-wide comparison instead of a search.
+* Extras: the text sink (with optional additive bias) and the pooled tail are further key passes of the
+  same online softmax. The local block (original order, minus keys already selected) runs first as a
+  small kernel whose (output, log-sum-exp) the main kernel merges in its epilogue.
+* Q rows are gathered through q_perm on load, K/V rows through k_perm, and the output is written straight
+  to the original token positions, so no permuted copies of Q, K, V or O are ever made.
+"""
+from __future__ import annotations
+
+import math
+import os
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from . import reference
+from .triton_cluster import segment_reduce
+
+LOG2E = 1.4426950408889634
+WINDOW = 16  # max key segments per chunk
+
+
+@triton.jit
+def _online_update(q, k, v, bias, m_i, l_i, acc, qk_scale):
+    """One step of the online softmax in the log2 domain; bias is already in log2 units."""
+    qk = tl.dot(q, tl.trans(k)) * qk_scale + bias
+    m_new = tl.maximum(m_i, tl.max(qk, 1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    p = tl.math.exp2(qk - m_safe[:, None])
+    alpha = tl.math.exp2(m_i - m_safe)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+    return m_new, l_i, acc
+
+
+@triton.jit
+def _layout_kernel(Q, K, V, Out, Lse,
+                   sqb, sqh, sqn, skb, skh, skn, svb, svh, svn,
+                   H, N, Sq, Sk, TMAX, MAXB,
+                   q_perm, k_perm, tile_seg, tile_m0, n_tiles, q_off,
+                   cum, delta, bounds, bound_seg, n_chunks,
+                   TK, TV, stkb, stkh, stkn, stvb, stvh, stvn, Nt,
+                   TB, stbb, stbh, stbn, stbt,
+                   KM, VM, tail_bias, selected,
+                   LO, LL,
+                   qk_scale,
+                   D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, WIN: tl.constexpr,
+                   HAS_QPERM: tl.constexpr, HAS_KPERM: tl.constexpr, HAS_TEXT: tl.constexpr,
+                   HAS_TBIAS: tl.constexpr, HAS_TAIL: tl.constexpr, HAS_LOCAL: tl.constexpr,
+                   STORE_LSE: tl.constexpr):
+    t = tl.program_id(0)
+    g = tl.program_id(1).to(tl.int64)
+    if t >= tl.load(n_tiles + g):
+        return
+    b = g // H
+    h = g % H
+    seg = tl.load(tile_seg + g * TMAX + t)
+    m0 = tl.load(tile_m0 + g * TMAX + t)
+    q_end = tl.load(q_off + g * (Sq + 1) + seg + 1).to(tl.int32)
+    rows = m0 + tl.arange(0, BLOCK_M)
+    row_ok = rows < q_end
+    if HAS_QPERM:
+        qpos = tl.load(q_perm + g * N + rows, mask=row_ok, other=0).to(tl.int32)
+    else:
+        qpos = rows
+    dims = tl.arange(0, D)
+    q = tl.load(Q + b * sqb + h * sqh + qpos[:, None].to(tl.int64) * sqn + dims[None, :],
+                mask=row_ok[:, None], other=0.0)
+    dtype = q.dtype
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, D], tl.float32)
+    lanes = tl.arange(0, BLOCK_N)
+
+    # selected key segments, as one stream of permuted key positions
+    base = g * Sq + seg
+    chunk_count = tl.load(n_chunks + base)
+    wins = tl.arange(0, WIN)
+    k_base = K + b * skb + h * skh
+    v_base = V + b * svb + h * svh
+    for c in range(0, chunk_count):
+        p0 = tl.load(bounds + base * MAXB + c)
+        p1 = tl.load(bounds + base * MAXB + c + 1)
+        s0 = tl.load(bound_seg + base * MAXB + c)
+        p = p0 + lanes
+        ok = p < p1
+        ends = tl.load(cum + base * (Sk + 1) + s0 + 1 + wins, mask=s0 + 1 + wins <= Sk, other=2147483647)
+        step = tl.sum((p[:, None] >= ends[None, :]).to(tl.int32), 1)
+        pos = p + tl.load(delta + base * Sk + s0 + step, mask=ok, other=0)
+        if HAS_KPERM:
+            kpos = tl.load(k_perm + g * N + pos, mask=ok, other=0).to(tl.int64)
+        else:
+            kpos = pos.to(tl.int64)
+        k = tl.load(k_base + kpos[:, None] * skn + dims[None, :], mask=ok[:, None], other=0.0)
+        v = tl.load(v_base + kpos[:, None] * svn + dims[None, :], mask=ok[:, None], other=0.0)
+        bias = tl.where(ok, 0.0, float("-inf"))[None, :]
+        m_i, l_i, acc = _online_update(q, k, v, bias, m_i, l_i, acc, qk_scale)
+
+    if HAS_TEXT:
+        for t0 in range(0, Nt, BLOCK_N):
+            tpos = t0 + lanes
+            ok = tpos < Nt
+            k = tl.load(TK + b * stkb + h * stkh + tpos[:, None] * stkn + dims[None, :], mask=ok[:, None], other=0.0)
+            v = tl.load(TV + b * stvb + h * stvh + tpos[:, None] * stvn + dims[None, :], mask=ok[:, None], other=0.0)
+            bias = tl.where(ok, 0.0, float("-inf"))[None, :]
+            if HAS_TBIAS:
+                tb = tl.load(TB + b * stbb + h * stbh + qpos[:, None].to(tl.int64) * stbn + tpos[None, :] * stbt,
+                             mask=row_ok[:, None] & ok[None, :], other=0.0)
+                bias = bias + tb.to(tl.float32) * 1.4426950408889634
+            m_i, l_i, acc = _online_update(q, k.to(dtype), v.to(dtype), bias, m_i, l_i, acc, qk_scale)
+
+    if HAS_TAIL:
+        for j0 in range(0, Sk, BLOCK_N):
+            j = j0 + lanes
+            ok = j < Sk
+            k = tl.load(KM + (g * Sk + j[:, None]) * D + dims[None, :], mask=ok[:, None], other=0.0)
+            v = tl.load(VM + (g * Sk + j[:, None]) * D + dims[None, :], mask=ok[:, None], other=0.0)
+            chosen = tl.load(selected + base * Sk + j, mask=ok, other=1)
+            log_size = tl.load(tail_bias + g * Sk + j, mask=ok, other=float("-inf"))
+            bias = tl.where(chosen == 0, log_size * 1.4426950408889634, float("-inf"))[None, :]
+            m_i, l_i, acc = _online_update(q, k, v, bias, m_i, l_i, acc, qk_scale)
+
+    if HAS_LOCAL:  # merge the local-block partial (normalised output + natural-log lse)
+        lo = tl.load(LO + (g * N + qpos[:, None].to(tl.int64)) * D + dims[None, :], mask=row_ok[:, None], other=0.0)
+        ll = tl.load(LL + g * N + qpos, mask=row_ok, other=float("-inf")) * 1.4426950408889634
+        m_new = tl.maximum(m_i, ll)
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.math.exp2(m_i - m_safe)
+        beta = tl.math.exp2(ll - m_safe)
+        acc = acc * alpha[:, None] + lo * beta[:, None]
+        l_i = l_i * alpha + beta
+        m_i = m_new
+
+    has_mass = l_i > 0.0
+    out = acc / tl.where(has_mass, l_i, 1.0)[:, None]
+    o_rows = (g * N + qpos[:, None].to(tl.int64)) * D
+    tl.store(Out + o_rows + dims[None, :], out.to(Out.dtype.element_ty), mask=row_ok[:, None])
+    if STORE_LSE:
+        lse = tl.where(has_mass, (m_i + tl.math.log2(tl.where(has_mass, l_i, 1.0))) / 1.4426950408889634,
+                       float("-inf"))
+        tl.store(Lse + g * N + qpos, lse, mask=row_ok)
+
+
+@triton.jit
+def _local_kernel(Q, K, V, LO, LL, sqb, sqh, sqn, skb, skh, skn, svb, svh, svn,
+                  H, N, Sq, Sk, q_labels, k_labels, selected, block, qk_scale,
+                  D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Each query (original order) over the keys of its own block of ``block`` tokens whose key
+    segment its query segment did not select."""
+    g = tl.program_id(1).to(tl.int64)
+    b = g // H
+    h = g % H
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = rows < N
+    dims = tl.arange(0, D)
+    q = tl.load(Q + b * sqb + h * sqh + rows[:, None].to(tl.int64) * sqn + dims[None, :], mask=row_ok[:, None], other=0.0)
+    q_block = rows // block
+    q_lab = tl.load(q_labels + g * N + rows, mask=row_ok, other=0).to(tl.int32)
+    first = (tl.program_id(0) * BLOCK_M // block) * block
+    last = tl.minimum(N, ((tl.program_id(0) * BLOCK_M + BLOCK_M - 1) // block + 1) * block)
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, D], tl.float32)
+    for k0 in range(first, last, BLOCK_N):
+        cols = k0 + tl.arange(0, BLOCK_N)
+        col_ok = cols < last
+        k = tl.load(K + b * skb + h * skh + cols[:, None].to(tl.int64) * skn + dims[None, :], mask=col_ok[:, None], other=0.0)
+        v = tl.load(V + b * svb + h * svh + cols[:, None].to(tl.int64) * svn + dims[None, :], mask=col_ok[:, None], other=0.0)
+        k_lab = tl.load(k_labels + g * N + cols, mask=col_ok, other=0).to(tl.int32)
+        pair_ok = row_ok[:, None] & col_ok[None, :] & (q_block[:, None] == (cols // block)[None, :])
+        already = tl.load(selected + (g * Sq + q_lab[:, None]) * Sk + k_lab[None, :], mask=pair_ok, other=1)
+        bias = tl.where(pair_ok & (already == 0), 0.0, float("-inf"))
+        m_i, l_i, acc = _online_update(q, k, v, bias, m_i, l_i, acc, qk_scale)
+    has_mass = l_i > 0.0
+    out = acc / tl.where(has_mass, l_i, 1.0)[:, None]
+    lse = tl.where(has_mass, (m_i + tl.math.log2(tl.where(has_mass, l_i, 1.0))) / 1.4426950408889634,
+                   float("-inf"))
+    tl.store(LO + (g * N + rows[:, None].to(tl.int64)) * D + dims[None, :], out, mask=row_ok[:, None])
+    tl.store(LL + g * N + rows, lse, mask=row_ok)
+
+
+# ------------------------------------------------------------------------------------------ planning
+# (BLOCK_M, BLOCK_N, num_warps, num_stages) per head dim, set by measurement tools to compare tilings
+CONFIG_OVERRIDE: dict = {}
+
+
+def _config(d: int):
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages) of the main kernel per head dim."""
+    if d in CONFIG_OVERRIDE:
+        return CONFIG_OVERRIDE[d]
+    if os.environ.get("TRITON_INTERPRET") == "1":  # CPU interpreter (debugging): small tiles run faster
+        return 32, 16, 4, 1
+    if d <= 64:
+        return 128, 64, 4, 3
+    if d <= 128:  # measured best of 8 tilings on an H100 (wan14b-720p shape, 10% kept)
+        return 128, 128, 8, 3
+    return 64, 32, 4, 2
+
+
+def tile_table(q_off: torch.Tensor, n_tokens: int, block_m: int):
+    """Query tiles of every (group, segment), as a padded table: segment index and first permuted row
+    per tile, and the number of real tiles per group. q_off: (G, Sq + 1)."""
+    groups, sq = q_off.shape[0], q_off.shape[1] - 1
+    sizes = q_off[:, 1:] - q_off[:, :-1]
+    tiles = (sizes + block_m - 1) // block_m
+    ends = tiles.cumsum(-1)
+    tmax = triton.cdiv(n_tokens, block_m) + sq
+    index = torch.arange(tmax, device=q_off.device).expand(groups, tmax).contiguous()
+    seg = torch.searchsorted(ends, index, right=True).clamp_max(sq - 1)
+    first_tile = ends.gather(1, seg) - tiles.gather(1, seg)
+    m0 = q_off.gather(1, seg) + (index - first_tile) * block_m
+    return seg.to(torch.int32).contiguous(), m0.to(torch.int32).contiguous(), ends[:, -1].to(torch.int32).contiguous(), tmax
+
+
+def stream_plan(selected: torch.Tensor, k_off: torch.Tensor, n_tokens: int, block_n: int):
+    """Per (group, query segment): the selected key segments as one stream of permuted key positions.
+
+    selected (G, Sq, Sk) bool, k_off (G, Sk + 1). Returns
+    cum (G, Sq, Sk + 1) int32: stream start of each listed segment (list = selected ids in order),
+    delta (G, Sq, Sk) int32: permuted key position minus stream position inside each listed segment,
+    bounds (G, Sq, MAXB + 1) int32: chunk starts, padded with the stream length,
+    bound_seg (G, Sq, MAXB + 1) int32: list index of the segment holding each chunk start,
+    n_chunks (G, Sq) int32."""
+    groups, sq, sk = selected.shape
+    device = selected.device
+    sel = selected.to(torch.int32)
+    slot = sel.cumsum(-1) - 1  # list index of each selected segment
+    scatter_at = torch.where(selected, slot, torch.full_like(slot, sk)).long()
+    seg_ids = torch.arange(sk, device=device, dtype=torch.int32).expand(groups, sq, sk)
+    listed = torch.zeros(groups, sq, sk + 1, device=device, dtype=torch.int32)
+    listed.scatter_(-1, scatter_at, seg_ids)
+    listed = listed[..., :sk]
+    k_sizes = (k_off[:, 1:] - k_off[:, :-1]).to(torch.int32)
+    count = sel.sum(-1, keepdim=True)  # (G, Sq, 1)
+    in_list = torch.arange(sk, device=device).expand(groups, sq, sk) < count
+    listed_sizes = torch.where(in_list, k_sizes.unsqueeze(1).expand(groups, sq, sk).gather(-1, listed.long()), 0)
+    cum = torch.zeros(groups, sq, sk + 1, device=device, dtype=torch.int32)
+    cum[..., 1:] = listed_sizes.cumsum(-1)
+    total = cum[..., -1:]
+    starts = k_off[:, :-1].to(torch.int32).unsqueeze(1).expand(groups, sq, sk).gather(-1, listed.long())
+    delta = (starts - cum[..., :-1]).contiguous()
+    # chunk starts: every block_n stream positions, and every WINDOW-th listed segment start
+    n_grid = triton.cdiv(n_tokens, block_n)
+    grid_starts = (torch.arange(n_grid, device=device, dtype=torch.int32) * block_n).expand(groups, sq, n_grid)
+    window_starts = cum[..., WINDOW:sk:WINDOW]
+    starts_all = torch.cat([grid_starts, window_starts], dim=-1)
+    starts_all = torch.where(starts_all < total, starts_all, total)
+    bounds = torch.sort(starts_all, dim=-1).values
+    n_chunks = (bounds < total).sum(-1).to(torch.int32)
+    bounds = torch.cat([bounds, total], dim=-1).contiguous()
+    bound_seg = torch.searchsorted(cum[..., 1:].contiguous(), bounds, right=True).to(torch.int32)
+    return cum.contiguous(), delta, bounds, bound_seg.contiguous(), n_chunks.contiguous()
+
+
+def _unit_stride_rows(x: torch.Tensor) -> torch.Tensor:
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
+def run_layout(q, k, v, q_off, k_off, selected, q_perm, k_perm, local_block: int, tail: bool,
+               text_k, text_v, text_bias, scale: float):
+    """Executes a layout; returns (out (B, H, N, d) in q's dtype, lse (B, H, N) fp32)."""
+    batch, heads, n, d = q.shape
+    groups = batch * heads
+    q, k, v = _unit_stride_rows(q), _unit_stride_rows(k), _unit_stride_rows(v)
+    sq, sk = q_off.shape[-1] - 1, k_off.shape[-1] - 1
+    q_off2 = q_off.reshape(groups, sq + 1)
+    k_off2 = k_off.reshape(groups, sk + 1)
+    sel = selected.reshape(groups, sq, sk)
+    block_m, block_n, warps, stages = _config(d)
+    seg, m0, n_tiles, tmax = tile_table(q_off2, n, block_m)
+    cum, delta, bounds, bound_seg, n_chunks = stream_plan(sel, k_off2, n, block_n)
+    maxb = bounds.shape[-1]
+    sel_bytes = sel.to(torch.int8).contiguous()
+    qp = q_perm.reshape(groups, n).contiguous() if q_perm is not None else None
+    kp = k_perm.reshape(groups, n).contiguous() if k_perm is not None else None
+    out = torch.empty(batch, heads, n, d, device=q.device, dtype=q.dtype)
+    lse = torch.empty(batch, heads, n, device=q.device, dtype=torch.float32)
+    qk_scale = scale * LOG2E
+    placeholder = n_chunks
+
+    local_out = local_lse = None
+    if local_block:
+        q_labels = reference.segment_labels(q_perm, q_off, n).reshape(groups, n).to(torch.int32)
+        k_labels = reference.segment_labels(k_perm, k_off, n).reshape(groups, n).to(torch.int32)
+        local_out = torch.empty(groups, n, d, device=q.device, dtype=torch.float32)
+        local_lse = torch.empty(groups, n, device=q.device, dtype=torch.float32)
+        lm, ln = (64, 64) if d <= 128 else (32, 32)
+        _local_kernel[(triton.cdiv(n, lm), groups)](
+            q, k, v, local_out, local_lse, q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1),
+            k.stride(2), v.stride(0), v.stride(1), v.stride(2), heads, n, sq, sk, q_labels, k_labels, sel_bytes,
+            local_block, qk_scale, D=d, BLOCK_M=lm, BLOCK_N=ln, num_warps=4, num_stages=1)
+
+    k_mean = v_mean = tail_bias = None
+    if tail:
+        k_mean, _, _ = segment_reduce(k, k_perm, k_off, mean=True, mean_dtype=q.dtype)
+        v_mean, _, _ = segment_reduce(v, k_perm, k_off, mean=True, mean_dtype=q.dtype)
+        tail_bias = torch.log((k_off2[:, 1:] - k_off2[:, :-1]).float()).contiguous()
+
+    has_text = text_k is not None
+    if has_text:
+        text_k, text_v = _unit_stride_rows(text_k.to(q.dtype)), _unit_stride_rows(text_v.to(q.dtype))
+        n_text = text_k.shape[-2]
+        tk_strides = (text_k.stride(0), text_k.stride(1), text_k.stride(2))
+        tv_strides = (text_v.stride(0), text_v.stride(1), text_v.stride(2))
+    else:
+        n_text, tk_strides, tv_strides = 0, (0, 0, 0), (0, 0, 0)
+    has_bias = has_text and text_bias is not None
+    if has_bias:
+        if text_bias.dtype == torch.bool:
+            text_bias = torch.zeros(text_bias.shape, device=q.device).masked_fill(~text_bias, float("-inf"))
+        tb = text_bias.expand(batch, heads, n, n_text)
+        tb_strides = tuple(tb.stride())
+    else:
+        tb, tb_strides = placeholder, (0, 0, 0, 0)
+
+    _layout_kernel[(tmax, groups)](
+        q, k, v, out, lse,
+        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2),
+        heads, n, sq, sk, tmax, maxb,
+        qp if qp is not None else placeholder, kp if kp is not None else placeholder,
+        seg, m0, n_tiles, q_off2.contiguous(),
+        cum, delta, bounds, bound_seg, n_chunks,
+        text_k if has_text else placeholder, text_v if has_text else placeholder, *tk_strides, *tv_strides, n_text,
+        tb, *tb_strides,
+        k_mean if tail else placeholder, v_mean if tail else placeholder,
+        tail_bias if tail else placeholder, sel_bytes,
+        local_out if local_block else placeholder, local_lse if local_block else placeholder,
+        qk_scale,
+        D=d, BLOCK_M=block_m, BLOCK_N=block_n, WIN=WINDOW,
+        HAS_QPERM=qp is not None, HAS_KPERM=kp is not None, HAS_TEXT=has_text, HAS_TBIAS=has_bias,
+        HAS_TAIL=tail, HAS_LOCAL=bool(local_block), STORE_LSE=True,
+        num_warps=warps, num_stages=stages)
+    return out, lse
