@@ -1,0 +1,82 @@
+"""The same nodes in ComfyUI's V1 API, for trees without ``comfy_api``. No ComfyUI import at module level."""
+from __future__ import annotations
+
+import json
+
+from . import common
+from .widgets import WIDGETS, Widget
+
+
+def _input_spec(w: Widget):
+    info = {"default": w.default, "tooltip": w.tooltip, "display_name": w.display_name}
+    if w.advanced:
+        info["advanced"] = True
+    if w.kind in ("FLOAT", "INT"):
+        info.update(min=w.minimum, max=w.maximum, step=w.step)
+    if w.kind == "COMBO":
+        return (list(w.options), info)
+    if w.kind == "STRING":
+        info["multiline"] = False
+    return (w.kind, info)
+
+
+class AdaClusterSparseAttentionV1:
+    DESCRIPTION = common.APPLY_DESCRIPTION
+    CATEGORY = common.CATEGORY
+    SEARCH_ALIASES = common.SEARCH_ALIASES
+    RETURN_TYPES = ("MODEL",)
+    RETURN_NAMES = ("model",)
+    OUTPUT_TOOLTIPS = ("The model with AdaCluster self-attention.",)
+    FUNCTION = "patch"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        required = {"model": ("MODEL", {"tooltip": "A Wan 2.1/2.2, HunyuanVideo or CogVideoX model. Other models "
+                                        "pass through unchanged."})}
+        optional = {}
+        for w in WIDGETS:
+            (optional if w.optional else required)[w.name] = _input_spec(w)
+        return {"required": required, "optional": optional}
+
+    @classmethod
+    def VALIDATE_INPUTS(cls, initial_top_k=100, top_k_clusters=64, selection="hybrid", calibration_profile=""):
+        return common.validation_error({"initial_top_k": initial_top_k, "top_k_clusters": top_k_clusters,
+                                        "selection": selection, "calibration_profile": calibration_profile}) or True
+
+    def patch(self, model, **values):
+        return (common.apply_patch(model, **values),)
+
+
+class AdaClusterReportV1:
+    DESCRIPTION = common.REPORT_DESCRIPTION
+    CATEGORY = common.CATEGORY
+    RETURN_TYPES = ("STRING", "IMAGE")
+    RETURN_NAMES = ("report", "plot")
+    FUNCTION = "report"
+    OUTPUT_NODE = True
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "model": ("MODEL", {"tooltip": "The model returned by AdaCluster Sparse Attention."}),
+            "samples": ("LATENT", {"tooltip": "The sampler output made with that model; it makes the report wait "
+                                   "for the run."}),
+        }}
+
+    @classmethod
+    def IS_CHANGED(cls, model, samples):
+        return float("nan")
+
+    def report(self, model, samples):
+        text, image, data = common.report_outputs(model)
+        return {"ui": {"text": (text,), "adacluster_report": (json.dumps(data),)}, "result": (text, image)}
+
+
+NODE_CLASS_MAPPINGS = {
+    common.APPLY_NODE_ID: AdaClusterSparseAttentionV1,
+    common.REPORT_NODE_ID: AdaClusterReportV1,
+}
+NODE_DISPLAY_NAME_MAPPINGS = {
+    common.APPLY_NODE_ID: common.APPLY_DISPLAY_NAME,
+    common.REPORT_NODE_ID: common.REPORT_DISPLAY_NAME,
+}

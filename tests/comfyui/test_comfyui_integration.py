@@ -1,0 +1,209 @@
+"""End-to-end tests against a real ComfyUI server on the CPU (tiny random-weight checkpoints)."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from graphs import ALL_CLUSTERS, TINY_SETTINGS, probe_graph, t2v_graph, wan22_two_experts_graph
+from workflow_convert import ui_to_api, validate_api
+
+pytestmark = pytest.mark.comfyui
+
+WIDGETS = ("preset", "sparsity_threshold", "query_clusters", "initial_top_k", "top_k_clusters", "warmup_steps",
+           "dense_layer_fraction", "selection", "min_tokens", "verbose", "calibration_profile")
+
+
+def _node_inputs(info: dict) -> dict:
+    spec = info["input"]
+    return {**spec.get("required", {}), **spec.get("optional", {})}
+
+
+def _report(entry: dict, node_id: str = "8") -> dict:
+    outputs = entry["outputs"][node_id]
+    return {"text": outputs["text"][0], **json.loads(outputs["adacluster_report"][0])}
+
+
+def _latent(server, entry: dict, node_id: str = "7") -> torch.Tensor:
+    item = entry["outputs"][node_id]["latents"][0]
+    path = server.base / "output" / item.get("subfolder", "") / item["filename"]
+    return load_file(str(path))["latent_tensor"]
+
+
+def _status(entry) -> str:
+    return entry.get("status", {}).get("status_str", "?")
+
+
+def _assert_ok(server, entry):
+    assert _status(entry) == "success", f"{json.dumps(entry.get('status'), indent=1)[:3000]}\n{server.log()[-3000:]}"
+
+
+def _families(server):
+    return server.families
+
+
+# ---------------------------------------------------------------------------------------------- loading
+def test_nodes_listed_with_widgets(comfy):
+    info = comfy.object_info()
+    assert "AdaClusterSparseAttention" in info, comfy.log()[-3000:]
+    node = info["AdaClusterSparseAttention"]
+    inputs = _node_inputs(node)
+    assert set(WIDGETS) <= set(inputs)
+    assert node["category"] == "model/patch"
+    for name in WIDGETS:
+        assert inputs[name][1].get("tooltip"), name
+    assert inputs["query_clusters"][1]["min"] == 1 and inputs["query_clusters"][1]["max"] == 4096
+    assert inputs["dense_layer_fraction"][1]["max"] == 1.0
+    assert node["output"] == ["MODEL"]
+    report = info["AdaClusterReport"]
+    assert report["output"] == ["STRING", "IMAGE"] and report["output_node"] is True
+    assert "Import failed" not in comfy.log() and "IMPORT FAILED" not in comfy.log()
+
+
+def test_v1_node_classes_load(comfy_v1):
+    info = comfy_v1.object_info()
+    assert set(WIDGETS) <= set(_node_inputs(info["AdaClusterSparseAttention"]))
+    entry = comfy_v1.run(t2v_graph("wan", TINY_SETTINGS, "v1_wan", steps=3))
+    _assert_ok(comfy_v1, entry)
+    assert _report(entry)["report"]["layers"]
+
+
+# ---------------------------------------------------------------------------------------------- sampling
+@pytest.mark.parametrize("family", ["wan", "hunyuan_video", "cogvideox"])
+def test_patched_run_reports_sparse_layers_and_steps(comfy, family):
+    if family not in _families(comfy):
+        pytest.skip(f"{family} is not in {comfy.tree.label}")
+    entry = comfy.run(t2v_graph(family, TINY_SETTINGS, f"sparse_{family}"))
+    _assert_ok(comfy, entry)
+    report = _report(entry)
+    data = report["report"]
+    steps = {row["step"]: row for row in data["steps"]}
+    assert sorted(steps) == [0, 1, 2, 3]
+    assert steps[0]["sparse_calls"] == 0  # warm-up (calibration) step
+    assert all(steps[s]["sparse_calls"] > 0 for s in (1, 2, 3)), report["text"]
+    layers = {row["layer"]: row for row in data["layers"]}
+    expected_layers = {"wan": 3, "hunyuan_video": 4, "cogvideox": 3}[family]
+    assert sorted(layers) == list(range(expected_layers)), report["text"]
+    dense = [row for row in layers.values() if row["dense_layer"]]
+    assert len(dense) >= 1 and all(row["sparse_calls"] == 0 for row in dense)
+    sparse = [row for row in layers.values() if row["sparse_calls"]]
+    assert sparse and all(0.0 < row["kept_fraction"] <= 1.0 for row in sparse)
+    assert "sparse steps: 1-3" in report["text"]
+    assert report["status"]["cache_bytes"] == 0 and report["status"]["active"] is False
+    plot = entry["outputs"]["8"]
+    assert plot  # the image output is wired to nothing here; the node still ran as an output node
+
+
+@pytest.mark.parametrize("family", ["wan", "hunyuan_video", "cogvideox"])
+def test_every_cluster_selected_equals_dense(comfy, family):
+    if family not in _families(comfy):
+        pytest.skip(f"{family} is not in {comfy.tree.label}")
+    dense = comfy.run(t2v_graph(family, None, f"dense_{family}"))
+    _assert_ok(comfy, dense)
+    sparse = comfy.run(t2v_graph(family, ALL_CLUSTERS, f"all_{family}"))
+    _assert_ok(comfy, sparse)
+    report = _report(sparse)["report"]
+    assert sum(row["sparse_calls"] for row in report["layers"]) > 0
+    a, b = _latent(comfy, dense), _latent(comfy, sparse)
+    assert a.shape == b.shape and a.abs().mean() > 0
+    tolerance = 2e-2 if a.dtype in (torch.bfloat16, torch.float16) else 2e-3
+    assert torch.allclose(a.float(), b.float(), atol=tolerance * float(a.abs().max()), rtol=tolerance), \
+        float((a.float() - b.float()).abs().max())
+
+
+def test_heun_counts_steps_from_sigmas(comfy):
+    """heun evaluates the model twice per step; steps must still be 0..3, not 0..6."""
+    entry = comfy.run(t2v_graph("wan", TINY_SETTINGS, "heun_wan", sampler="heun"))
+    _assert_ok(comfy, entry)
+    steps = [row["step"] for row in _report(entry)["report"]["steps"]]
+    assert steps == [0, 1, 2, 3]
+
+
+def test_wan22_experts_keep_separate_caches(comfy):
+    entry = comfy.run(wan22_two_experts_graph(TINY_SETTINGS, "wan22"))
+    _assert_ok(comfy, entry)
+    high, low = _report(entry, "8"), _report(entry, "18")
+    for report in (high, low):
+        assert report["report"]["total_steps"] == 2
+        assert [row["step"] for row in report["report"]["steps"]] == [0, 1]
+        assert any(row["sparse_calls"] for row in report["report"]["layers"]), report["text"]
+        assert report["status"]["cache_bytes"] == 0
+
+
+def test_chains_to_a_previous_attention_override(comfy):
+    graph = t2v_graph("wan", TINY_SETTINGS, "chained", steps=3)
+    graph["10"] = {"class_type": "AdaClusterTestOverride", "inputs": {"model": ["1", 0]}}
+    graph["5"]["inputs"]["model"] = ["10", 0]
+    entry = comfy.run(graph)
+    _assert_ok(comfy, entry)
+    assert "adacluster-test-override: called" in comfy.log()
+    assert any(row["sparse_calls"] for row in _report(entry)["report"]["layers"])
+
+
+# ---------------------------------------------------------------------------------------------- errors
+@pytest.mark.parametrize("name, value, expected", [
+    ("query_clusters", 0, "0"),
+    ("sparsity_threshold", -1.0, "-1"),
+    ("selection", "best", "best"),
+    ("top_k_clusters", 5000, "5000"),
+    ("calibration_profile", "missing_profile.safetensors", "missing_profile.safetensors"),
+])
+def test_bad_widget_value_is_rejected_naming_it(comfy, name, value, expected):
+    status, body = comfy.queue(t2v_graph("wan", {**TINY_SETTINGS, name: value}, "bad"))
+    assert status == 400, body
+    errors = body["node_errors"]["5"]["errors"]
+    text = json.dumps(errors)
+    assert name in text and expected in text, text
+
+
+def test_cross_field_rule_is_rejected(comfy):
+    settings = {**TINY_SETTINGS, "selection": "paper", "initial_top_k": 2, "top_k_clusters": 50}
+    status, body = comfy.queue(t2v_graph("wan", settings, "bad"))
+    assert status == 400
+    text = json.dumps(body["node_errors"]["5"]["errors"])
+    assert "selection.top_k = 50" in text and "initial_key_clusters x max_stages" in text, text
+
+
+def test_interrupted_run_leaves_no_cache(comfy):
+    entry = comfy.run(t2v_graph("wan", TINY_SETTINGS, "interrupted", steps=6, interrupt_after=4))
+    assert "execution_interrupted" in json.dumps(entry["status"]), entry["status"]
+    assert "the run ended with InterruptProcessingException; its cache" in comfy.log(), comfy.log()[-3000:]
+    probe = comfy.run(probe_graph(1))
+    patches = json.loads(probe["outputs"]["1"]["adacluster_status"][0])
+    # Trees that keep the interrupted graph's outputs still hold the patch: its cache must be empty.
+    for status in patches:
+        assert status["active"] is False and status["cache_bytes"] == 0 and status["cached_states"] == 0, status
+
+
+# ---------------------------------------------------------------------------------------------- workflows
+WORKFLOWS = Path(__file__).resolve().parents[2] / "workflows"
+WORKFLOW_NAMES = sorted(p.stem for p in WORKFLOWS.glob("*.json"))
+
+
+def test_every_family_has_a_ui_and_an_api_workflow():
+    assert len(WORKFLOW_NAMES) == 4
+    for family in ("wan2.1", "wan2.2_a14b", "hunyuan_video", "cogvideox"):
+        assert any(name.startswith(family) for name in WORKFLOW_NAMES), family
+    for name in WORKFLOW_NAMES:
+        assert (WORKFLOWS / "api" / f"{name}.json").is_file(), name
+
+
+@pytest.mark.parametrize("name", WORKFLOW_NAMES)
+def test_workflow_validates_and_ui_converts_to_api(comfy, name):
+    api = json.loads((WORKFLOWS / "api" / f"{name}.json").read_text())
+    ui = json.loads((WORKFLOWS / f"{name}.json").read_text())
+    if name.startswith("cogvideox") and "cogvideox" not in comfy.families:
+        pytest.skip(f"CogVideoX is not in {comfy.tree.label}")
+    info = comfy.object_info()
+    assert validate_api(api, info) == []
+    assert ui_to_api(ui, info) == {k: {"class_type": v["class_type"], "inputs": v["inputs"]} for k, v in api.items()}
+    nodes = [n for n in api.values() if n["class_type"] == "AdaClusterSparseAttention"]
+    assert nodes and all(n["inputs"]["model"] for n in nodes)
+
+
+def test_workflows_show_in_the_template_browser(comfy):
+    templates = comfy.get("/workflow_templates")
+    assert sorted(templates.get("comfyui-adacluster", [])) == WORKFLOW_NAMES

@@ -1,0 +1,122 @@
+"""Node widgets and adapter helpers that need no ComfyUI (fast; run everywhere)."""
+from __future__ import annotations
+
+import subprocess
+import sys
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from comfyui_adacluster.adacluster_core.config import ConfigError
+from comfyui_adacluster.nodes import widgets
+from comfyui_adacluster.adacluster_core import comfy_adapter as adapter
+
+
+def test_widget_defaults_build_every_preset():
+    defaults = {w.name: w.default for w in widgets.WIDGETS if w.config_key}
+    for family in ("wan", "hunyuan_video", "cogvideox"):
+        config = widgets.config_from_widgets(family, **defaults)
+        assert config.query_clusters == 65 and config.initial_key_clusters == 100
+    # -1 warm-up steps keeps the preset's value, which differs per family
+    assert widgets.config_from_widgets("hunyuan_video", warmup_steps=-1).warmup_steps == 6
+    assert widgets.config_from_widgets("wan", warmup_steps=-1).warmup_steps == 10
+    assert widgets.config_from_widgets("wan", warmup_steps=3).warmup_steps == 3
+
+
+def test_widget_values_map_to_config_fields():
+    config = widgets.config_from_widgets("cogvideox", sparsity_threshold=2.25, query_clusters=33, initial_top_k=17,
+                                         top_k_clusters=9, dense_layer_fraction=0.2, selection="paper", min_tokens=513)
+    assert (config.sparsity_threshold, config.query_clusters, config.initial_key_clusters) == (2.25, 33, 17)
+    assert config.selection.top_k == 9 and config.selection.count == "topk" and config.recipe == "paper"
+    assert (config.dense_layer_fraction, config.min_tokens) == (0.2, 513)
+
+
+@pytest.mark.parametrize("name, value, fragment", [
+    ("query_clusters", 0, "query_clusters = 0 is out of range"),
+    ("query_clusters", 4097, "[1, 4096]"),
+    ("query_clusters", 2.5, "not an integer"),
+    ("sparsity_threshold", float("nan"), "sparsity_threshold = nan"),
+    ("dense_layer_fraction", 1.5, "[0.0, 1.0]"),
+    ("selection", "best", "'best' is not one of"),
+    ("warmup_steps", -2, "warmup_steps = -2"),
+])
+def test_bad_widget_values_name_value_and_range(name, value, fragment):
+    with pytest.raises(ConfigError, match=None) as info:
+        widgets.config_from_widgets("wan", **{name: value})
+    assert fragment in str(info.value)
+
+
+def test_validation_checks_cross_field_rule_and_profile_file(tmp_path):
+    message = widgets.validate_widgets({"selection": "paper", "initial_top_k": 3, "top_k_clusters": 31})
+    assert "selection.top_k = 31" in message
+    assert widgets.validate_widgets({"selection": "hybrid", "initial_top_k": 3, "top_k_clusters": 31}) is None
+    message = widgets.validate_widgets({"calibration_profile": "nope.safetensors"}, str(tmp_path))
+    assert "nope.safetensors" in message and "adacluster_profiles" in message
+    (tmp_path / "adacluster_profiles").mkdir()
+    (tmp_path / "adacluster_profiles" / "p.safetensors").write_bytes(b"x")
+    assert widgets.validate_widgets({"calibration_profile": "p.safetensors"}, str(tmp_path)) is None
+
+
+def test_branch_keys_keep_cond_and_uncond_apart():
+    keys = adapter.branch_keys(4, [1, 0], ["u-neg", "u-pos"])
+    assert keys == ((1, "u-neg", 0), (1, "u-neg", 1), (0, "u-pos", 0), (0, "u-pos", 1))
+    assert len(set(keys)) == 4
+    assert adapter.branch_keys(3, [0, 1], ["a", "b"]) is None  # batch not divisible by chunks
+    assert adapter.branch_keys(1, [0], None) == ((0, "None", 0),)
+
+
+def test_video_token_count_pads_to_the_patch():
+    x = torch.zeros(1, 16, 5, 15, 13)
+    assert adapter.video_token_count(x, (1, 2, 2)) == 5 * 8 * 7
+    assert adapter.video_token_count(x, (2, 2, 2)) == 3 * 8 * 7
+    assert adapter.video_token_count(torch.zeros(1, 4, 8, 8), (1, 2, 2)) == -1
+
+
+def test_masks_follow_comfy_broadcasting():
+    assert adapter._mask_4d(torch.zeros(7, 7)).shape == (1, 1, 7, 7)
+    assert adapter._mask_4d(torch.zeros(2, 7, 7)).shape == (2, 1, 7, 7)
+    assert adapter._mask_4d(torch.zeros(1, 1, 7)).shape == (1, 1, 1, 7)
+    assert adapter._mask_4d(None) is None
+
+
+def _fake_model(module: str, **attrs):
+    cls = type("FakeDiT", (), {"__module__": module})
+    dm = cls()
+    for k, v in attrs.items():
+        setattr(dm, k, v)
+    return SimpleNamespace(model=SimpleNamespace(diffusion_model=dm))
+
+
+def test_family_detection():
+    wan = adapter.detect_family(_fake_model("comfy.ldm.wan.model", blocks=[0] * 30, patch_size=(1, 2, 2)))
+    assert (wan.name, wan.num_layers, wan.joint_text) == ("wan", 30, False)
+    old_block = SimpleNamespace(flipped_img_txt=True)
+    hv = adapter.detect_family(_fake_model("comfy.ldm.hunyuan_video.model", double_blocks=[old_block] * 20,
+                                           single_blocks=[0] * 40, patch_size=[1, 2, 2]))
+    assert (hv.num_layers, hv.double_blocks, hv.text_first) == (60, 20, False)  # 0.3.x: image tokens first
+    hv_new = adapter.detect_family(_fake_model("comfy.ldm.hunyuan_video.model", double_blocks=[object()] * 2,
+                                               single_blocks=[0] * 3, patch_size=[1, 2, 2]))
+    assert hv_new.text_first is True
+    cog = adapter.detect_family(_fake_model("comfy.ldm.cogvideo.model", blocks=[0] * 42, patch_size=2,
+                                            patch_size_t=None))
+    assert (cog.text_first, cog.layer_by_count, cog.patch_size) == (True, True, (1, 2, 2))
+    assert adapter.detect_family(_fake_model("comfy.ldm.flux.model", double_blocks=[], single_blocks=[])) is None
+
+
+def test_pack_imports_without_comfyui():
+    code = ("import sys, comfyui_adacluster as p; assert 'NODE_CLASS_MAPPINGS' in dir(p); "
+            "assert not any(m == 'comfy' or m.startswith(('comfy.', 'comfy_api')) for m in sys.modules), "
+            "[m for m in sys.modules if m.startswith('comfy')]")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+
+
+def test_v1_input_types_match_the_widget_table():
+    from comfyui_adacluster.nodes.v1 import AdaClusterSparseAttentionV1
+
+    spec = AdaClusterSparseAttentionV1.INPUT_TYPES()
+    names = list(spec["required"]) + list(spec["optional"])
+    assert names == ["model"] + [w.name for w in widgets.WIDGETS]
+    assert spec["required"]["query_clusters"][1]["min"] == 1
+    assert spec["required"]["selection"][0] == list(widgets.RECIPES)
