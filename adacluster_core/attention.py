@@ -103,33 +103,29 @@ class SparseAttention:
         batch, heads, n, d = q.shape
         out = torch.empty_like(q)
         text = self._text_slice(n, call)
+        qv, kv, vv = q[:, :, video], k[:, :, video], v[:, :, video]
         clustering_timer = Timer(q.device)
-        layouts, kept, counts = [], [], []
-        for b in range(batch):
-            qv, kv = q[b:b + 1, :, video], k[b:b + 1, :, video]
+        for b in range(batch):  # first sparse call of a branch (no calibration step seen): calibrate it now
             if self.cache.state(call.layer, call.branches[b]) is None:
-                self._calibrate(qv, kv, call, b)
-            layout, qc, kc = self._layout(qv, kv, call, b)
-            layouts.append(layout)
-            kept.append(selection.kept_fraction(layout, qc.labels, kc.labels)[0])
-            counts.append(kc.counts[0])
+                self._calibrate(qv[b:b + 1], kv[b:b + 1], call, b)
+        layout, qc, kc = self._layout(qv, kv, call)  # all branches at once, each from its own state
+        kept = selection.kept_fraction(layout, qc.labels, kc.labels)
         clustering_timer.stop()
-        for b, layout in enumerate(layouts):
-            if self.observer is not None:
-                self.observer(call, b, layout)
-            text_k = text_v = text_bias = None
-            if call.text_len:
-                text_k, text_v = k[b:b + 1, :, text], v[b:b + 1, :, text]
-                if mask is not None:
-                    text_bias = _mask_block(mask[b:b + 1] if mask.shape[0] > 1 else mask, video, text)
-            out[b:b + 1, :, video] = kernels.execute_layout(q[b:b + 1, :, video], k[b:b + 1, :, video],
-                                                            v[b:b + 1, :, video], layout, text_k=text_k,
-                                                            text_v=text_v, text_bias=text_bias)
+        if self.observer is not None:
+            for b in range(batch):
+                self.observer(call, b, _batch_slice(layout, b))
+        text_k = text_v = text_bias = None
+        if call.text_len:
+            text_k, text_v = k[:, :, text], v[:, :, text]
+            if mask is not None:
+                text_bias = _mask_block(mask, video, text)
+        out[:, :, video] = kernels.execute_layout(qv, kv, vv, layout, text_k=text_k, text_v=text_v,
+                                                  text_bias=text_bias)
         if call.text_len:  # text queries attend every key densely
             text_mask = None if mask is None else _mask_block(mask, text, slice(None))
             out[:, :, text] = kernels.dense_attention(q[:, :, text], k, v, mask=text_mask)
         self.cache.record(CallRecord(call.layer, call.step, True, None, total.stop(), clustering_timer,
-                                     kept=torch.stack(kept), key_counts=torch.stack(counts)))
+                                     kept=kept, key_counts=kc.counts))
         return out
 
     # ------------------------------------------------------------------ clustering
@@ -161,20 +157,26 @@ class SparseAttention:
             k_counts=kc.counts[0], hard=hard, tokens=n))
         return kc.counts[0]
 
-    def _layout(self, q, k, call, b):
-        """Warm-started clustering of one batch element, then selection."""
+    def _layout(self, q, k, call):
+        """Warm-started clustering of every batch element from its branch's cached centroids, then selection.
+
+        Branches may have different key cluster counts: their centroids are padded to the largest count with
+        unused slots (beyond k_counts), which stay empty and are cut off again when the state is stored."""
         cfg = self.config
-        state = self.cache.state(call.layer, call.branches[b])
-        q_init, k_init = state.q_centroids.unsqueeze(0), state.k_centroids.unsqueeze(0)
-        k_counts = state.k_counts.unsqueeze(0)
-        if cfg.method == "svg2":
-            centroids, labels, sizes, _ = kernels.kmeans(q, q_init, cfg.step_iters, False)
-            qc = Clusters(centroids, labels, sizes, torch.full_like(k_counts, centroids.shape[-2]))
-        else:
-            qc = clustering.cluster_queries(q, q_init.shape[-2], cfg.step_iters, init=q_init)
-        kc = clustering.cluster_keys_fixed(k, k_init, k_counts, cfg.step_iters)
-        state.q_centroids = qc.centroids[0].to(q.dtype)
-        state.k_centroids = kc.centroids[0].to(k.dtype)
+        states = [self.cache.state(call.layer, branch) for branch in call.branches[:q.shape[0]]]
+        q_init = torch.stack([s.q_centroids for s in states])
+        k_slots = [s.k_centroids.shape[-2] for s in states]
+        k_init = q.new_zeros(q.shape[0], q.shape[1], max(k_slots), q.shape[-1], dtype=states[0].k_centroids.dtype)
+        for b, s in enumerate(states):
+            k_init[b, :, :k_slots[b]] = s.k_centroids
+        k_counts = torch.stack([s.k_counts for s in states])
+        minmax = cfg.selection.score in ("quest", "blend")
+        spherical = cfg.method != "svg2"  # svg2 clusters queries with Euclidean k-means too
+        qc = clustering.warm_step(q, q_init, cfg.step_iters, spherical)
+        kc = clustering.warm_step(k, k_init, cfg.step_iters, False, k_counts, minmax=minmax)
+        for b, s in enumerate(states):
+            s.q_centroids = qc.centroids[b].to(q.dtype)
+            s.k_centroids = kc.centroids[b, :, :k_slots[b]].to(k.dtype)
         return selection.build_layout(q, k, qc, kc, cfg.selection), qc, kc
 
     # ------------------------------------------------------------------ token ranges
@@ -192,6 +194,14 @@ class SparseAttention:
 def _euclidean(x, count, iters, gen) -> Clusters:
     centroids, labels, sizes, _ = kernels.kmeans(x, clustering.sample_rows(x, count, gen), iters, False)
     return Clusters(centroids, labels, sizes, torch.full(x.shape[:2], count, dtype=torch.int64, device=x.device))
+
+
+def _batch_slice(layout: Layout, b: int) -> Layout:
+    """The layout of batch element b alone (for observers)."""
+    pick = lambda t: None if t is None else t[b:b + 1]
+    return Layout(q_offsets=pick(layout.q_offsets), k_offsets=pick(layout.k_offsets), selected=pick(layout.selected),
+                  q_perm=pick(layout.q_perm), k_perm=pick(layout.k_perm), local_block=layout.local_block,
+                  tail=layout.tail, info=layout.info)
 
 
 def _additive(mask: Optional[torch.Tensor], dtype) -> Optional[torch.Tensor]:

@@ -13,6 +13,7 @@ from typing import Optional
 import torch
 
 from .. import kernels
+from ..kernels.reference import ClusterStep
 
 
 @dataclass
@@ -21,6 +22,9 @@ class Clusters:
     labels: torch.Tensor  # (B, H, N) int64
     sizes: torch.Tensor  # (B, H, C) int64
     counts: torch.Tensor  # (B, H) int64 number of usable centroid slots per head
+    # statistics of ``labels`` computed with the clustering (segments, means, max/min), so selection
+    # does not recompute them; None where the clustering did not produce them
+    step: Optional[ClusterStep] = None
 
 
 @dataclass
@@ -60,6 +64,30 @@ def cluster_keys_fixed(k: torch.Tensor, init: torch.Tensor, counts: torch.Tensor
     """Euclidean k-means of keys with a fixed per-head count (warm start or profile start)."""
     centroids, labels, sizes, _ = kernels.kmeans(k, init, iters, False, counts)
     return Clusters(centroids, labels, sizes, counts)
+
+
+def kmeans_step(x: torch.Tensor, init: torch.Tensor, spherical: bool, num_clusters: Optional[torch.Tensor] = None,
+                minmax: bool = False) -> ClusterStep:
+    """One warm-started k-means round through the kernels' dispatch point (Triton on CUDA, else the reference)."""
+    return kernels.kmeans_step(x, init, spherical, num_clusters, minmax)
+
+
+def warm_step(x: torch.Tensor, init: torch.Tensor, iters: int, spherical: bool,
+              counts: Optional[torch.Tensor] = None, minmax: bool = False) -> Clusters:
+    """Warm-started k-means for a sparse step: ``iters`` Lloyd rounds (assign, update) from ``init``.
+
+    The labels are the last round's assignment and the centroids the member means of exactly those labels
+    (no extra assignment pass), so the statistics selection uses (segments, means, max/min) come from the
+    same pass as the update. Spherical: x is the raw queries (normalised inside). ``iters`` = 0 assigns to
+    ``init`` and keeps it. ``counts`` (B, H): usable centroid slots per head (all when None)."""
+    if iters > 1:
+        start = kernels.normalize_rows(x) if spherical else x
+        init = kernels.kmeans(start, init, iters - 1, spherical, counts)[0]
+    step = kmeans_step(x, init, spherical, counts, minmax)
+    centroids = step.centroids if iters > 0 else init.float()
+    if counts is None:
+        counts = torch.full(x.shape[:2], init.shape[-2], dtype=torch.int64, device=x.device)
+    return Clusters(centroids, step.labels, step.sizes, counts, step)
 
 
 def calibrate_keys(k: torch.Tensor, initial_clusters: int, alpha: float, relative: bool, max_stages: int,

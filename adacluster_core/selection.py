@@ -32,16 +32,19 @@ def cluster_logits(q: torch.Tensor, k: torch.Tensor, qc: Clusters, kc: Clusters,
     the members' mean norm to become a logit; the centroid estimate uses the mean raw query. Both mass
     estimates add log |K_j|, since a cluster's share of the softmax grows with its size."""
     n_q, n_k = qc.centroids.shape[-2], kc.centroids.shape[-2]
-    q_mean, q_sizes = kernels.segment_means(q, qc.labels, n_q)
     k_sizes = kc.sizes.float()
     log_size = torch.log(k_sizes).unsqueeze(-2)  # -inf for empty clusters
     if score in ("quest", "blend"):
-        high, low = kernels.cluster_minmax(k, kc.labels, n_k)
+        if kc.step is not None and kc.step.high is not None:
+            high, low = kc.step.high, kc.step.low
+        else:
+            high, low = kernels.cluster_minmax(k, kc.labels, n_k)
         unit = kernels.normalize_rows(qc.centroids)
         bound = kernels.quest_scores(unit, high, low)  # (B, H, Cq, Ck), -inf for empty key clusters
-        q_norm = _mean_norm(q, qc.labels, n_q, q_sizes)
+        q_norm = qc.step.mean_norm if qc.step is not None else _mean_norm(q, qc.labels, n_q, qc.sizes)
         quest_logit = bound * q_norm.unsqueeze(-1) * scale
     if score in ("centroid", "blend"):
+        q_mean = qc.step.mean if qc.step is not None else kernels.segment_means(q, qc.labels, n_q)[0]
         centroid_logit = (q_mean @ kc.centroids.float().transpose(-1, -2)) * scale
         centroid_logit = centroid_logit.masked_fill(k_sizes.unsqueeze(-2) == 0, float("-inf"))
     if score == "quest":
@@ -102,10 +105,16 @@ def build_layout(q: torch.Tensor, k: torch.Tensor, qc: Clusters, kc: Clusters, c
     selected = choose_clusters(rank, log_mass, kc.sizes, n, config)
     if config.own_clusters:
         selected = selected | own_clusters(qc, kc)
-    q_perm, q_offsets = kernels.segments_from_labels(qc.labels, qc.centroids.shape[-2])
-    k_perm, k_offsets = kernels.segments_from_labels(kc.labels, kc.centroids.shape[-2])
+    q_perm, q_offsets = _segments(qc)
+    k_perm, k_offsets = _segments(kc)
     return Layout(q_offsets=q_offsets, k_offsets=k_offsets, selected=selected, q_perm=q_perm, k_perm=k_perm,
                   local_block=config.local_block, tail=config.tail)
+
+
+def _segments(c: Clusters):
+    if c.step is not None:
+        return c.step.perm, c.step.offsets
+    return kernels.segments_from_labels(c.labels, c.centroids.shape[-2])
 
 
 def kept_fraction(layout: Layout, q_labels: torch.Tensor, k_labels: torch.Tensor) -> torch.Tensor:

@@ -60,6 +60,7 @@ def _dispatch(name):
 
 normalize_rows = _dispatch("normalize_rows")
 kmeans = _dispatch("kmeans")
+kmeans_step = _dispatch("kmeans_step")
 kmeans_assign = _dispatch("kmeans_assign")
 segments_from_labels = _dispatch("segments_from_labels")
 cluster_minmax = _dispatch("cluster_minmax")

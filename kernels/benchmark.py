@@ -1,11 +1,18 @@
 """Kernel benchmark on the GPU it finds: dense SDPA, FlexAttention on the same layout, the layout kernel,
-and one whole steady-state AdaCluster call, for the shapes of PERFORMANCE.md.
+and whole steady-state AdaCluster calls, for the shapes of PERFORMANCE.md.
 
     python -m comfyui_adacluster.kernels.benchmark [--shapes wan14b-720p ...] [--kept 0.10] [--out results.json]
 
-Layouts are clustered like AdaCluster's: 65 query clusters and N/100 (300..1000) key clusters of skewed,
-ragged sizes; every query cluster keeps key clusters (in random order) until ``--kept`` of the key tokens
-are kept. Times are medians of CUDA-event-timed runs after warm-up; inputs are random (never zeros).
+Kernel rows: layouts clustered like AdaCluster's (65 query clusters, N/100 (300..1000) key clusters of
+skewed, ragged sizes; every query cluster keeps key clusters in random order until ``--kept`` of the key
+tokens are kept).
+Whole-call rows ("runner"): the real entry point, ``SparseAttention`` with the Wan preset and a RunCache:
+one calibration call, then timed calls at a sparse step (warm-started clustering, selection, layout
+kernel, statistics). Recipes: "paper" with Top-1 plus a minimum kept fraction of ``--kept`` (so about
+``--kept`` of the keys), "hybrid" tuned to about ``--kept`` (top_p), and the default "hybrid" as shipped
+(its kept fraction depends on the inputs; on random inputs attention mass is flat, so it keeps much more).
+The "own composition" row chains the kernels directly on the synthetic clustering (no runner).
+Times are medians of CUDA-event-timed runs after warm-up; inputs are random (never zeros).
 """
 from __future__ import annotations
 
@@ -136,9 +143,9 @@ def flex_block_mask(layout, tokens, block=128):
 
 
 class SteadyStateCall:
-    """One steady-state AdaCluster call from our kernels: warm-started spherical k-means of the queries
-    (1 iteration), Euclidean k-means of the keys (1 iteration, fixed per-head counts), cluster max/min,
-    TensorQuest scores, selection up to the kept fraction, layout execution (permutation fused)."""
+    """One steady-state AdaCluster call chained from the kernels directly (no runner): warm-started spherical
+    k-means step of the queries, Euclidean k-means step of the keys (fixed per-head counts) with cluster
+    max/min in the same pass, TensorQuest scores, selection up to the kept fraction, layout execution."""
 
     def __init__(self, q, k, n_keys, kept, generator):
         from . import triton_ops
@@ -153,24 +160,77 @@ class SteadyStateCall:
 
     def plan(self, q, k):
         from ..adacluster_core.layout import Layout
-        from .triton_cluster import segment_reduce
         ops = self.ops
-        unit = ops.normalize_rows(q).to(q.dtype)  # unit rows are exact enough in bf16 for clustering
-        q_cent, q_labels, _, _ = ops.kmeans(unit, self.q_centroids, 1, True)
-        k_cent, k_labels, _, _ = ops.kmeans(k, self.k_centroids, 1, False, self.counts)
-        q_perm, q_off = ops.segments_from_labels(q_labels, q_cent.shape[-2])
-        k_perm, k_off = ops.segments_from_labels(k_labels, k_cent.shape[-2])
-        _, high, low = segment_reduce(k, k_perm, k_off, minmax=True)
-        shape = (*k.shape[:2], -1, k.shape[-1])
-        scores = ops.quest_scores(q_cent, high.reshape(shape), low.reshape(shape))
-        selected = select_until_kept(scores, k_off[..., 1:] - k_off[..., :-1], self.kept)
-        return Layout(q_offsets=q_off, k_offsets=k_off, selected=selected, q_perm=q_perm, k_perm=k_perm)
+        qs = ops.kmeans_step(q, self.q_centroids, True)  # warm start: one assignment + update pass each
+        ks = ops.kmeans_step(k, self.k_centroids, False, self.counts, minmax=True)
+        scores = ops.quest_scores(qs.centroids, ks.high, ks.low)
+        selected = select_until_kept(scores, ks.sizes, self.kept)
+        return Layout(q_offsets=qs.offsets, k_offsets=ks.offsets, selected=selected, q_perm=qs.perm, k_perm=ks.perm)
 
     def __call__(self, q, k, v):
         return self.ops.execute_layout(q, k, v, self.plan(q, k))
 
 
-def bench_shape(name, kept, generator, with_flex=True, with_call=True):
+def runner_recipes(kept: float) -> dict:
+    """Selection settings of the whole-call rows: name -> preset overrides."""
+    return {
+        "paper": {"recipe": "paper", "selection": {"top_k": 1, "min_kept_fraction": kept}},
+        "hybrid-tuned": {"recipe": "hybrid", "selection": {"top_p": kept / 2, "min_kept_fraction": kept * 0.8}},
+        "hybrid-default": {"recipe": "hybrid"},
+    }
+
+
+def bench_runner(q, k, v, overrides: dict, dense_ms: float) -> dict:
+    """One real steady-state call through SparseAttention (after a calibration call), timed whole and by part."""
+    from ..adacluster_core import selection
+    from ..adacluster_core.attention import CallInfo, SparseAttention
+    from ..adacluster_core.cache import RunCache
+    from ..adacluster_core.config import load_preset
+    from . import dense_attention, execute_layout
+
+    config = load_preset("wan", **{"warmup_steps": 1, "dense_layer_fraction": 0.0, **overrides})
+    cache = RunCache()
+    cache.start_run(total_steps=50)
+    runner = SparseAttention(config, cache)
+    dense = lambda: dense_attention(q, k, v)
+    started = time.time()
+    runner(q, k, v, CallInfo(0, 0, 50, (0,)), dense=dense)  # calibration step: dense output, clustering cached
+    torch.cuda.synchronize()
+    row = {"calibration_s": time.time() - started}
+    sparse_call = CallInfo(0, 1, 50, (0,))
+    if runner.decide(q.shape, k.shape, sparse_call) is not None:
+        return {"error": f"call stays dense: {runner.decide(q.shape, k.shape, sparse_call)}"}
+    call = lambda: runner(q, k, v, sparse_call, dense=dense)
+    row["call_ms"] = time_ms(call)
+    layout, qc, kc = runner._layout(q, k, sparse_call)
+    kept = selection.kept_fraction(layout, qc.labels, kc.labels)
+    row["kept_fraction"] = float(kept.mean())
+    row["key_clusters"] = float(kc.counts.float().mean())
+    row["plan_ms"] = time_ms(lambda: selection.kept_fraction(*_plan(runner, q, k, sparse_call)))
+    row["kept_statistics_ms"] = time_ms(lambda: selection.kept_fraction(layout, qc.labels, kc.labels))
+    row["kernel_ms"] = time_ms(lambda: execute_layout(q, k, v, layout))
+    row["plan_share"] = row["plan_ms"] / row["call_ms"]
+    row["speedup"] = dense_ms / row["call_ms"]
+    row["kernel_vs_floor"] = row["kernel_ms"] / (row["kept_fraction"] * dense_ms)
+    try:  # no host synchronisation: the whole runner call must be capturable in a CUDA graph
+        call()
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            call()
+        row["graph_ms"] = time_ms(graph.replay)
+    except Exception as error:  # noqa: BLE001 - report, keep benchmarking
+        row["graph_error"] = f"{type(error).__name__}: {str(error).splitlines()[0][:160]}"
+    cache.release()
+    return row
+
+
+def _plan(runner, q, k, call):
+    layout, qc, kc = runner._layout(q, k, call)
+    return layout, qc.labels, kc.labels
+
+
+def bench_shape(name, kept, generator, with_flex=True, with_call=True, with_runner=True):
     from . import triton_ops
     heads, tokens, d = SHAPES[name]
     device = "cuda"
@@ -222,6 +282,15 @@ def bench_shape(name, kept, generator, with_flex=True, with_call=True):
             row["call_graph_speedup"] = dense_ms / row["call_graph_ms"]
         except Exception as error:  # noqa: BLE001
             row["call_graph_error"] = f"{type(error).__name__}: {str(error).splitlines()[0][:160]}"
+    if with_runner:
+        row["runner"] = {}
+        for recipe, overrides in runner_recipes(kept).items():
+            try:
+                row["runner"][recipe] = bench_runner(q, k, v, overrides, dense_ms)
+            except Exception as error:  # noqa: BLE001 - report, keep benchmarking
+                row["runner"][recipe] = {"error": f"{type(error).__name__}: {str(error).splitlines()[0][:160]}"}
+            print(recipe, json.dumps(row["runner"][recipe]), flush=True)
+            torch.cuda.empty_cache()
     del q, k, v
     torch.cuda.empty_cache()
     return row
@@ -234,7 +303,7 @@ def _fmt(value, digits=2):
 def print_table(rows, device_name):
     print(f"\nDevice: {device_name}; bf16, batch 1; times in ms (median)")
     header = ["shape", "dense (backend)", "kept", "layout", "vs floor", "speedup", "flex", "flex/layout",
-              "call", "plan share", "call kept", "call speedup", "graph call"]
+              "own-composition call", "plan share", "call kept", "call speedup", "graph call"]
     print(" | ".join(header))
     for r in rows:
         print(" | ".join([
@@ -244,6 +313,18 @@ def print_table(rows, device_name):
             _fmt(r.get("call_ms")), _fmt(r.get("call_plan_share")), _fmt(r.get("call_kept_fraction"), 3),
             f"{_fmt(r.get('call_speedup'))}x", _fmt(r.get("call_graph_ms", r.get("call_graph_error"))),
         ]))
+    print("\nWhole call through SparseAttention (Wan preset, steady-state sparse step):")
+    print(" | ".join(["shape", "recipe", "kept", "key clusters", "call", "speedup vs dense", "clustering+selection",
+                      "share", "kept stats", "kernel", "kernel vs floor", "graph call"]))
+    for r in rows:
+        for recipe, c in r.get("runner", {}).items():
+            if "error" in c:
+                print(f"{r['shape']} | {recipe} | {c['error']}")
+                continue
+            print(" | ".join([r["shape"], recipe, f"{c['kept_fraction']:.3f}", f"{c['key_clusters']:.0f}",
+                              _fmt(c["call_ms"]), f"{_fmt(c['speedup'])}x", _fmt(c["plan_ms"]),
+                              f"{100 * c['plan_share']:.0f}%", _fmt(c["kept_statistics_ms"]), _fmt(c["kernel_ms"]),
+                              _fmt(c["kernel_vs_floor"]), _fmt(c.get("graph_ms", c.get("graph_error")))]))
 
 
 def main(argv=None):
@@ -253,6 +334,7 @@ def main(argv=None):
     parser.add_argument("--out", default="kernel_benchmark.json")
     parser.add_argument("--no-flex", action="store_true")
     parser.add_argument("--no-call", action="store_true")
+    parser.add_argument("--no-runner", action="store_true")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     if not 0.0 < args.kept <= 1.0:
@@ -264,17 +346,20 @@ def main(argv=None):
     rows = []
     for name in args.shapes:
         started = time.time()
-        rows.append(bench_shape(name, args.kept, generator, not args.no_flex, not args.no_call))
+        rows.append(bench_shape(name, args.kept, generator, not args.no_flex, not args.no_call, not args.no_runner))
         rows[-1]["bench_seconds"] = time.time() - started
         print(json.dumps(rows[-1]), flush=True)
+        _write(args, device_name, rows)  # after every shape, so a cut-short run keeps what it measured
     print_table(rows, device_name)
-    result = {"device": device_name, "torch": torch.__version__, "kept": args.kept, "dtype": "bfloat16",
-              "rows": rows}
+    print(f"\nwrote {args.out}")
+
+
+def _write(args, device_name, rows):
     import triton
-    result["triton"] = triton.__version__
+    result = {"device": device_name, "torch": torch.__version__, "triton": triton.__version__, "kept": args.kept,
+              "dtype": "bfloat16", "rows": rows}
     with open(args.out, "w") as handle:
         json.dump(result, handle, indent=1)
-    print(f"\nwrote {args.out}")
 
 
 if __name__ == "__main__":

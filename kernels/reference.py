@@ -7,6 +7,7 @@ dtype where they are activations.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
@@ -90,6 +91,46 @@ def kmeans(x: torch.Tensor, init: torch.Tensor, iters: int, spherical: bool,
     labels, fit = kmeans_assign(x, centroids, spherical, num_clusters)
     sizes = label_counts(labels, centroids.shape[-2])
     return centroids, labels, sizes, fit
+
+
+@dataclass
+class ClusterStep:
+    """Result of kmeans_step: one warm-started Lloyd step and the per-cluster statistics of its labels."""
+
+    centroids: torch.Tensor  # (..., C, d) fp32: member means of ``labels`` (unit if spherical); empty -> init
+    labels: torch.Tensor  # (..., N) int64: nearest centroid of init
+    sizes: torch.Tensor  # (..., C) int64
+    perm: torch.Tensor  # (..., N) int64: stable sort of labels (segments_from_labels)
+    offsets: torch.Tensor  # (..., C + 1) int64
+    mean: torch.Tensor  # (..., C, d) fp32: mean of the raw member rows, 0 for empty clusters
+    mean_norm: torch.Tensor  # (..., C) fp32: mean row length of the members, 0 for empty clusters
+    high: Optional[torch.Tensor] = None  # (..., C, d) fp32 element-wise max (-inf empty), with minmax
+    low: Optional[torch.Tensor] = None  # (..., C, d) fp32 element-wise min (+inf empty), with minmax
+
+
+def kmeans_step(x: torch.Tensor, init: torch.Tensor, spherical: bool, num_clusters: Optional[torch.Tensor] = None,
+                minmax: bool = False) -> ClusterStep:
+    """One warm-started Lloyd step: assign every row of x to its nearest centroid of ``init``, then move
+    each centroid to the mean of its members (of the unit rows, normalised, if spherical). The labels are
+    those of the assignment, so the returned centroids are exactly the member means of the returned labels.
+
+    Spherical rows need not be unit: the nearest centroid by cosine does not depend on a row's length.
+    Also returns, from the same labels, the segments (stable sort), raw member means, mean row lengths and
+    optionally the element-wise max/min of every cluster (TensorQuest inputs)."""
+    xf = x.float()
+    unit = normalize_rows(xf) if spherical else xf
+    n_clusters = init.shape[-2]
+    labels, _ = kmeans_assign(unit, init, spherical, num_clusters)
+    centroids, sizes = kmeans_update(unit, labels, init, spherical)
+    perm, offsets = segments_from_labels(labels, n_clusters)
+    zeros = torch.zeros(*init.shape, device=x.device)
+    mean = kmeans_update(xf, labels, zeros, spherical=False)[0]
+    norms = torch.zeros(*init.shape[:-1], device=x.device).scatter_add_(-1, labels, xf.norm(dim=-1))
+    mean_norm = norms / sizes.clamp_min(1).float()
+    high = low = None
+    if minmax:
+        high, low = cluster_minmax(xf, labels, n_clusters)
+    return ClusterStep(centroids, labels, sizes, perm, offsets, mean, mean_norm, high, low)
 
 
 def label_counts(labels: torch.Tensor, n_bins: int) -> torch.Tensor:

@@ -12,6 +12,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .reference import ClusterStep
+
 
 # ----------------------------------------------------------------------------------------- kernels
 @triton.jit
@@ -27,11 +29,13 @@ def _normalize_kernel(x_ptr, out_ptr, rows, stride_x, eps, D: tl.constexpr, BLOC
 
 @triton.jit
 def _assign_kernel(x_ptr, c_ptr, csq_ptr, count_ptr, labels_ptr, fit_ptr, sizes_ptr,
-                   N, C, stride_xg, stride_xn,
-                   D: tl.constexpr, SPHERICAL: tl.constexpr, HAS_COUNT: tl.constexpr,
+                   N, C, stride_xg, stride_xn, eps,
+                   D: tl.constexpr, SPHERICAL: tl.constexpr, HAS_COUNT: tl.constexpr, ROW_NORM: tl.constexpr,
                    BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr):
     """Nearest centroid of BLOCK_N rows: the N x C score matrix lives only in registers, one
-    BLOCK_N x BLOCK_C tile at a time. Also counts cluster sizes (one atomic per row)."""
+    BLOCK_N x BLOCK_C tile at a time. Also counts cluster sizes (one atomic per row). With ROW_NORM the
+    rows are raw (not unit): the spherical argmax does not depend on row length, and the cosine fit is
+    divided by the row norm here, so no normalised copy of x is needed."""
     g = tl.program_id(1).to(tl.int64)
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < N
@@ -62,6 +66,9 @@ def _assign_kernel(x_ptr, c_ptr, csq_ptr, count_ptr, labels_ptr, fit_ptr, sizes_
         best_idx = tl.where(better, tile_idx, best_idx)
     if SPHERICAL:
         fit = best
+        if ROW_NORM:
+            xf = x.to(tl.float32)
+            fit = best / tl.maximum(tl.sqrt(tl.sum(xf * xf, 1)), eps)
     else:
         xf = x.to(tl.float32)
         fit = tl.maximum(tl.sum(xf * xf, 1) - best, 0.0)
@@ -119,6 +126,55 @@ def _segment_reduce_kernel(x_ptr, perm_ptr, off_ptr, prev_ptr, mean_ptr, high_pt
 
 
 @triton.jit
+def _step_stats_kernel(x_ptr, perm_ptr, off_ptr, init_ptr, cent_ptr, mean_ptr, norm_ptr, high_ptr, low_ptr,
+                       N, S, stride_xg, stride_xn, eps,
+                       D: tl.constexpr, SPHERICAL: tl.constexpr, MINMAX: tl.constexpr, BLOCK_R: tl.constexpr):
+    """One program per (cluster, group), walking the cluster's rows in sorted order once: the new centroid
+    (mean of the unit rows, normalised, if spherical; else the mean; empty -> init), the raw mean, the mean
+    row length and optionally the element-wise max/min."""
+    s = tl.program_id(0)
+    g = tl.program_id(1).to(tl.int64)
+    start = tl.load(off_ptr + g * (S + 1) + s).to(tl.int32)
+    end = tl.load(off_ptr + g * (S + 1) + s + 1).to(tl.int32)
+    dims = tl.arange(0, D)
+    raw = tl.zeros([D], tl.float32)
+    unit = tl.zeros([D], tl.float32)
+    norm_sum = tl.zeros([BLOCK_R], tl.float32)
+    high = tl.full([D], float("-inf"), tl.float32)
+    low = tl.full([D], float("inf"), tl.float32)
+    base = x_ptr + g * stride_xg
+    for r0 in range(start, end, BLOCK_R):
+        pos = r0 + tl.arange(0, BLOCK_R)
+        ok = pos < end
+        row = tl.load(perm_ptr + g * N + pos, mask=ok, other=0)
+        x = tl.load(base + row[:, None] * stride_xn + dims[None, :], mask=ok[:, None], other=0.0).to(tl.float32)
+        norm = tl.sqrt(tl.sum(x * x, 1))
+        raw += tl.sum(x, 0)
+        norm_sum += norm
+        if SPHERICAL:
+            unit += tl.sum(x / tl.maximum(norm, eps)[:, None], 0)
+        if MINMAX:
+            high = tl.maximum(high, tl.max(tl.where(ok[:, None], x, float("-inf")), 0))
+            low = tl.minimum(low, tl.min(tl.where(ok[:, None], x, float("inf")), 0))
+    size = end - start
+    inv = 1.0 / tl.maximum(size, 1).to(tl.float32)
+    out = (g * S + s) * D + dims
+    mean = raw * inv
+    if SPHERICAL:
+        centroid = unit * inv
+        centroid = centroid / tl.maximum(tl.sqrt(tl.sum(centroid * centroid, 0)), eps)
+    else:
+        centroid = mean
+    centroid = tl.where(size > 0, centroid, tl.load(init_ptr + out))
+    tl.store(cent_ptr + out, centroid)
+    tl.store(mean_ptr + out, mean)
+    tl.store(norm_ptr + g * S + s, tl.sum(norm_sum, 0) * inv)
+    if MINMAX:
+        tl.store(high_ptr + out, high)
+        tl.store(low_ptr + out, low)
+
+
+@triton.jit
 def _quest_kernel(r_ptr, high_ptr, low_ptr, out_ptr, CQ, CK,
                   D: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr):
     """S = r+ . max^T + r- . min^T on tensor cores; empty key clusters (max all -inf) get -inf."""
@@ -166,8 +222,10 @@ def normalize_rows(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     return out.reshape(x.shape)
 
 
-def assign(x: torch.Tensor, centroids: torch.Tensor, spherical: bool, num_clusters: Optional[torch.Tensor]):
-    """Fused nearest-centroid search. Returns labels (G, N) int32, fit (G, N) fp32, sizes (G, C) int32."""
+def assign(x: torch.Tensor, centroids: torch.Tensor, spherical: bool, num_clusters: Optional[torch.Tensor],
+           row_norm: bool = False):
+    """Fused nearest-centroid search. Returns labels (G, N) int32, fit (G, N) fp32, sizes (G, C) int32.
+    ``row_norm``: spherical search on raw rows (fit = cosine)."""
     x3 = _groups(x)
     groups, n, d = x3.shape
     check_head_dim(d)
@@ -182,8 +240,8 @@ def assign(x: torch.Tensor, centroids: torch.Tensor, spherical: bool, num_cluste
     block_c = 64 if d <= 128 else 32
     grid = (triton.cdiv(n, block_n), groups)
     _assign_kernel[grid](x3, c, csq, counts if counts is not None else sizes, labels, fit, sizes,
-                         n, n_clusters, x3.stride(0), x3.stride(1),
-                         D=d, SPHERICAL=spherical, HAS_COUNT=counts is not None,
+                         n, n_clusters, x3.stride(0), x3.stride(1), 1e-6,
+                         D=d, SPHERICAL=spherical, HAS_COUNT=counts is not None, ROW_NORM=row_norm and spherical,
                          BLOCK_N=block_n, BLOCK_C=block_c, num_warps=8 if d >= 128 else 4, num_stages=2)
     return labels, fit, sizes
 
@@ -307,3 +365,30 @@ def segment_means(x: torch.Tensor, labels: torch.Tensor, n_segments: int):
     perm, offsets = sort_segments(flat, sizes)
     means, _, _ = segment_reduce(_as4(x3), perm, offsets, mean=True)
     return means.reshape(*lead, n_segments, d), sizes.reshape(*lead, n_segments)
+
+
+def kmeans_step(x: torch.Tensor, init: torch.Tensor, spherical: bool, num_clusters: Optional[torch.Tensor] = None,
+                minmax: bool = False) -> ClusterStep:
+    """One assignment pass over raw x, one sort of the labels, one statistics pass in sorted order."""
+    lead, n, d = x.shape[:-2], x.shape[-2], x.shape[-1]
+    check_head_dim(d)
+    x3 = _groups(x)
+    groups = x3.shape[0]
+    c = init.reshape(groups, -1, d).float().contiguous()
+    n_clusters = c.shape[1]
+    labels, _, sizes = assign(x3, c, spherical, num_clusters, row_norm=True)
+    perm, offsets = sort_segments(labels, sizes, stable=True)
+    centroids = torch.empty_like(c)
+    mean = torch.empty_like(c)
+    mean_norm = torch.empty(groups, n_clusters, device=x.device, dtype=torch.float32)
+    high = torch.empty_like(c) if minmax else None
+    low = torch.empty_like(c) if minmax else None
+    _step_stats_kernel[(n_clusters, groups)](
+        x3, perm, offsets, c, centroids, mean, mean_norm, high if minmax else mean, low if minmax else mean,
+        n, n_clusters, x3.stride(0), x3.stride(1), 1e-6,
+        D=d, SPHERICAL=spherical, MINMAX=minmax, BLOCK_R=64 if d <= 128 else 32, num_warps=8 if d >= 128 else 4)
+    shape = (*lead, n_clusters, d)
+    return ClusterStep(centroids.reshape(shape), labels.long().reshape(*lead, n), sizes.long().reshape(*lead, n_clusters),
+                       perm.reshape(*lead, n), offsets.reshape(*lead, n_clusters + 1), mean.reshape(shape),
+                       mean_norm.reshape(*lead, n_clusters), high.reshape(shape) if minmax else None,
+                       low.reshape(shape) if minmax else None)

@@ -294,3 +294,34 @@ def test_unsupported_inputs_fall_back_to_the_reference():
     layout = random_layout(1, 1, 200, sq=3, sk=9, density=0.5, generator=gen)
     q, k, v = qkv(1, 1, 200, 48, torch.float32, gen)
     torch.testing.assert_close(triton_ops.execute_layout(q, k, v, layout), reference.execute_layout(q, k, v, layout))
+
+
+@pytest.mark.parametrize("spherical", [True, False])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_kmeans_step_statistics_follow_its_labels(spherical, dtype):
+    gen = torch.Generator().manual_seed(17)
+    x = (torch.randn(2, 3, 1501, 128, generator=gen) * (0.5 + torch.rand(2, 3, 1501, 1, generator=gen) * 3))
+    init = torch.randn(2, 3, 61, 128, generator=gen)
+    init[..., 50:, :] = -1000.0  # far away: these clusters stay empty and keep init
+    counts = torch.tensor([[61, 40, 7], [1, 61, 33]])
+    if spherical:
+        init = reference.normalize_rows(init)
+    x, init, counts = x.to(DEVICE, dtype), init.to(DEVICE), counts.to(DEVICE)
+    step = triton_ops.kmeans_step(x, init, spherical, counts, minmax=True)
+    want = reference.kmeans_step(x, init, spherical, counts, minmax=True)
+    agree = (step.labels == want.labels).float().mean().item()
+    assert agree > (0.999 if dtype == torch.float32 else 0.95), f"label agreement {agree:.4f}"
+    assert bool((step.labels < counts.unsqueeze(-1)).all())
+    # everything else is a function of the labels: compare with the reference on the same labels
+    xf = x.float()
+    unit = reference.normalize_rows(xf) if spherical else xf
+    centroids, sizes = reference.kmeans_update(unit, step.labels, init, spherical)
+    perm, offsets = reference.segments_from_labels(step.labels, 61)
+    assert torch.equal(step.sizes, sizes) and torch.equal(step.perm, perm) and torch.equal(step.offsets, offsets)
+    torch.testing.assert_close(step.centroids, centroids, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(step.centroids[..., 55, :], init[..., 55, :])
+    torch.testing.assert_close(step.mean, reference.segment_means(xf, step.labels, 61)[0], atol=1e-4, rtol=1e-4)
+    norms = torch.zeros(2, 3, 61, device=DEVICE).scatter_add_(-1, step.labels, xf.norm(dim=-1))
+    torch.testing.assert_close(step.mean_norm, norms / sizes.clamp_min(1), atol=1e-4, rtol=1e-4)
+    high, low = reference.cluster_minmax(xf, step.labels, 61)
+    assert torch.equal(step.high, high) and torch.equal(step.low, low)

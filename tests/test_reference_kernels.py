@@ -170,3 +170,25 @@ def test_segments_from_labels_is_a_stable_sort():
     assert perm.tolist() == [[[1, 4, 3, 0, 2, 5]]]
     assert offsets.tolist() == [[[0, 2, 3, 6, 6]]]
     assert R.segment_labels(perm, offsets, 6).tolist() == labels.tolist()
+
+
+def test_kmeans_step_centroids_are_the_means_of_its_labels():
+    torch.manual_seed(8)
+    x = torch.randn(1, 2, 400, 8) * (0.3 + 3 * torch.rand(1, 2, 400, 1))
+    init = R.normalize_rows(torch.randn(1, 2, 9, 8))
+    step = R.kmeans_step(x, init, spherical=True, minmax=True)
+    # labels are the assignment to init (row length does not matter for the cosine)
+    labels, _ = R.kmeans_assign(R.normalize_rows(x), init, spherical=True)
+    assert torch.equal(step.labels, labels)
+    for j in range(9):
+        members = x[0, 0, labels[0, 0] == j]
+        if members.numel() == 0:
+            torch.testing.assert_close(step.centroids[0, 0, j], init[0, 0, j])
+            continue
+        direction = R.normalize_rows(members).mean(0)
+        torch.testing.assert_close(step.centroids[0, 0, j], direction / direction.norm())
+        torch.testing.assert_close(step.mean[0, 0, j], members.mean(0))
+        torch.testing.assert_close(step.mean_norm[0, 0, j], members.norm(dim=-1).mean())
+        torch.testing.assert_close(step.high[0, 0, j], members.max(0).values)
+    perm, offsets = R.segments_from_labels(labels, 9)
+    assert torch.equal(step.perm, perm) and torch.equal(step.offsets, offsets)

@@ -75,20 +75,22 @@ def test_warm_started_steps_use_cached_centroids_per_branch(monkeypatch):
     cached = {name: (s.q_centroids.clone(), s.k_centroids.clone()) for name, s in (("uncond", uncond), ("cond", cond))}
 
     seen = []
-    real_kmeans = kernels.kmeans
+    real_step = clustering.kmeans_step
 
-    def spy(x, init, iters, spherical, num_clusters=None):
-        seen.append((init.clone(), iters, spherical))
-        return real_kmeans(x, init, iters, spherical, num_clusters)
+    def spy(x, init, spherical, num_clusters=None, minmax=False):
+        seen.append((init.clone(), spherical))
+        return real_step(x, init, spherical, num_clusters, minmax)
 
-    monkeypatch.setattr(kernels, "kmeans", spy)
+    monkeypatch.setattr(clustering, "kmeans_step", spy)  # one Lloyd round: assign to init, then update
+    monkeypatch.setattr(kernels, "kmeans", lambda *a, **k: pytest.fail("one iteration needs no extra k-means rounds"))
     monkeypatch.setattr(clustering, "calibrate_keys", lambda *a, **k: pytest.fail("sparse steps must not recalibrate"))
     runner(q, k, v, CallInfo(0, 1, 4, ("uncond", "cond")), dense=lambda: dense_reference(q, k, v))
-    assert len(seen) == 4  # queries and keys, for each branch
-    for (init, iters, spherical), (name, which) in zip(seen, [("uncond", 0), ("uncond", 1), ("cond", 0), ("cond", 1)]):
-        assert iters == 1
+    assert len(seen) == 2  # queries, then keys, each for both branches at once
+    for (init, spherical), which in zip(seen, (0, 1)):
         assert spherical == (which == 0)
-        torch.testing.assert_close(init[0].float(), cached[name][which].float())
+        for b, name in enumerate(("uncond", "cond")):  # batch slot b starts from its own branch's centroids
+            cached_centroids = cached[name][which]
+            torch.testing.assert_close(init[b, :, :cached_centroids.shape[-2]].float(), cached_centroids.float())
     # the state moved on, per branch
     assert not torch.equal(cache.state(0, "cond").k_centroids, cached["cond"][1])
 
