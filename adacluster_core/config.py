@@ -25,8 +25,8 @@ class SelectionConfig:
 
     score: str = "centroid"  # "quest" (TensorQuest bound), "centroid" (size-weighted estimate), "blend"
     blend_weight: float = 0.5  # weight of the TensorQuest bound in "blend"
-    count: str = "mass"  # "topk": fixed number of clusters; "mass": smallest set reaching top_p of the mass
-    top_k: int = 64
+    count: str = "topk"  # "topk": fixed number of clusters; "mass": smallest set reaching top_p of the mass
+    top_k: int = 16
     top_p: float = 0.9
     min_kept_fraction: float = 0.05  # keep adding clusters in score order until this share of keys
     tail: bool = True  # pooled tail for skipped clusters
@@ -35,10 +35,12 @@ class SelectionConfig:
 
 
 # Named selection recipes. "paper" is AdaCluster as published; "svg2" uses SVG2's rule on both sides.
+# "hybrid" (the defaults above) measured the lowest error per kept fraction on the main command's workload
+# (see README, "Selection recipes").
 SELECTION_RECIPES: dict[str, SelectionConfig] = {
-    "paper": SelectionConfig(score="quest", count="topk", tail=False, local_block=0, own_clusters=False),
+    "paper": SelectionConfig(score="quest", count="topk", top_k=64, tail=False, local_block=0, own_clusters=False),
     "hybrid": SelectionConfig(),
-    "svg2": SelectionConfig(score="centroid", count="mass", top_p=0.9, tail=False, local_block=0,
+    "svg2": SelectionConfig(score="centroid", count="mass", top_k=64, top_p=0.9, tail=False, local_block=0,
                             own_clusters=False, min_kept_fraction=0.0),
 }
 DEFAULT_RECIPE = "hybrid"

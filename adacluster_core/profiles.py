@@ -2,7 +2,6 @@
 safetensors, so a repeated workflow can skip the multi-stage calibration."""
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional

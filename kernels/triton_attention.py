@@ -17,9 +17,8 @@ Work decomposition
 """
 from __future__ import annotations
 
-import math
 import os
-from typing import Optional
+
 
 import torch
 import triton

@@ -13,6 +13,7 @@ PRESET_AUTO = "auto"
 PRESETS = (PRESET_AUTO,) + MODEL_FAMILIES
 RECIPES = tuple(SELECTION_RECIPES)
 WARMUP_FROM_PRESET = -1
+TOP_K_FROM_SELECTION = 0  # "Top-K clusters" widget value that keeps the selection recipe's own Top-K
 
 
 @dataclass(frozen=True)
@@ -43,9 +44,9 @@ WIDGETS: tuple = (
     Widget("initial_top_k", "INT", 100, "Initial number of key clusters per head (K0) of the multi-stage key "
            "clustering; outliers then get up to this many new clusters per stage.", "initial top-K (key clusters)",
            1, 4096, 1, config_key="initial_key_clusters"),
-    Widget("top_k_clusters", "INT", 64, "Key clusters every query cluster attends (the 'paper' selection). "
-           "'hybrid' and 'svg2' keep the smallest set of clusters holding 90% of the attention mass instead and "
-           "use this value only as the cap of the paper rule.", "Top-K clusters", 1, 4096, 1,
+    Widget("top_k_clusters", "INT", TOP_K_FROM_SELECTION, "Key clusters every query cluster attends. 0 uses the "
+           "selection's own value ('hybrid' 16, 'paper' 64). 'svg2' keeps the smallest set of clusters holding 90% "
+           "of the attention mass instead and ignores this value.", "Top-K clusters", TOP_K_FROM_SELECTION, 4096, 1,
            config_key="selection.top_k"),
     Widget("warmup_steps", "INT", WARMUP_FROM_PRESET, "Sampler steps that run dense before sparse attention starts; "
            "the last of them calibrates the clusters. -1 uses the preset (Wan 10, HunyuanVideo 6, CogVideoX 10). "
@@ -55,8 +56,10 @@ WIDGETS: tuple = (
            "whose keys need the most clusters (plus any layer that is hard to compress) run full attention.",
            "dense-layer fraction", 0.0, 1.0, 0.01, config_key="dense_layer_fraction"),
     Widget("selection", "COMBO", "hybrid", "How key clusters are chosen per query cluster. 'paper': Top-K by the "
-           "TensorQuest upper bound, as published. 'hybrid': attention-mass rule with a local block and a pooled "
-           "tail for skipped clusters. 'svg2': Sparse VideoGen 2's centroid rule.", "selection",
+           "TensorQuest upper bound, as published. 'hybrid' (lowest error per kept token in our measurements): "
+           "Top-K by the size-weighted centroid estimate, plus each query's own 64-token neighbourhood, the clusters "
+           "holding the query cluster's own tokens, and a pooled tail for skipped clusters. 'svg2': Sparse "
+           "VideoGen 2's centroid rule with top-p 0.9.", "selection",
            options=RECIPES, advanced=True, config_key="recipe"),
     Widget("min_tokens", "INT", 4096, "Self-attention over fewer video tokens than this stays dense (sparse "
            "attention does not pay off on short sequences).", "min tokens", 0, 1 << 30, 256, advanced=True,
@@ -100,6 +103,8 @@ def config_from_widgets(family: str, **values: Any) -> AdaClusterConfig:
     for name, value in values.items():
         key = WIDGETS_BY_NAME[name].config_key
         if key is None or (name == "warmup_steps" and value == WARMUP_FROM_PRESET):
+            continue
+        if name == "top_k_clusters" and value == TOP_K_FROM_SELECTION:
             continue
         overrides[key] = int(value) if WIDGETS_BY_NAME[name].kind == "INT" else value
     return load_preset(family, **overrides)

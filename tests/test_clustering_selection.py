@@ -42,12 +42,19 @@ def test_every_key_within_threshold_or_head_flagged():
 
 
 def test_adaptive_count_grows_for_looser_keys():
-    _, tight, _ = structured_qkv(batch=1, heads=1, n=1500, d=16, groups=8, seed=5)
-    loose = torch.randn(1, 1, 1500, 16) * 2
-    args = (16, 2.5, False, 10, 1 / 3, 3)  # absolute threshold: the same distance budget for both
-    n_tight = clustering.calibrate_keys(tight, *args, clustering.generator_for(0, 0)).clusters.counts.item()
-    n_loose = clustering.calibrate_keys(loose, *args, clustering.generator_for(0, 0)).clusters.counts.item()
-    assert n_loose > n_tight
+    def keys(noise, seed):
+        gen = torch.Generator().manual_seed(seed)
+        centres = torch.randn(8, 16, generator=gen) * 2
+        labels = torch.randint(0, 8, (1500,), generator=gen)
+        return (centres[labels] + noise * torch.randn(1500, 16, generator=gen))[None, None]
+
+    args = (16, 2.5, False, 10, 1 / 3, 3)  # absolute threshold: the same distance budget for every layer
+    tight = clustering.calibrate_keys(keys(0.4, 5), *args, clustering.generator_for(0, 0))
+    loose = clustering.calibrate_keys(keys(0.6, 5), *args, clustering.generator_for(0, 0))
+    assert not bool(tight.hard.any()) and tight.clusters.counts.item() <= 24
+    assert loose.clusters.counts.item() > 3 * tight.clusters.counts.item()
+    hopeless = clustering.calibrate_keys(keys(3.0, 5), *args, clustering.generator_for(0, 0))
+    assert bool(hopeless.hard.all())  # almost no key fits the budget: flagged, the layer will run dense
 
 
 def test_absolute_threshold_and_hard_cap():

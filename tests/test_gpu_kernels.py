@@ -2,7 +2,6 @@
 per-head segment counts, both half-precision dtypes). Needs CUDA and Triton."""
 from __future__ import annotations
 
-import math
 
 import pytest
 import torch

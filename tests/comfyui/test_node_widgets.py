@@ -50,7 +50,13 @@ def test_bad_widget_values_name_value_and_range(name, value, fragment):
 def test_validation_checks_cross_field_rule_and_profile_file(tmp_path):
     message = widgets.validate_widgets({"selection": "paper", "initial_top_k": 3, "top_k_clusters": 31})
     assert "selection.top_k = 31" in message
-    assert widgets.validate_widgets({"selection": "hybrid", "initial_top_k": 3, "top_k_clusters": 31}) is None
+    assert "selection.top_k = 31" in widgets.validate_widgets({"selection": "hybrid", "initial_top_k": 3,
+                                                                "top_k_clusters": 31})
+    # svg2 keeps clusters by attention mass, so the Top-K cap does not apply; 0 keeps the recipe's own Top-K
+    assert widgets.validate_widgets({"selection": "svg2", "initial_top_k": 3, "top_k_clusters": 31}) is None
+    assert widgets.validate_widgets({"selection": "hybrid", "initial_top_k": 3, "top_k_clusters": 0}) is None
+    assert widgets.config_from_widgets("wan", selection="hybrid", top_k_clusters=0).selection.top_k == 16
+    assert widgets.config_from_widgets("wan", selection="paper", top_k_clusters=0).selection.top_k == 64
     message = widgets.validate_widgets({"calibration_profile": "nope.safetensors"}, str(tmp_path))
     assert "nope.safetensors" in message and "adacluster_profiles" in message
     (tmp_path / "adacluster_profiles").mkdir()

@@ -1,0 +1,234 @@
+"""Selection study: error and kept attention mass per kept fraction, for every selection part.
+
+    python -m comfyui_adacluster.adacluster_core.study [--out-dir output] [--quick]
+
+On the main command's workload, every layer is clustered exactly as the runner does (calibration on the
+last warm-up step, warm-started k-means with fixed counts on every later step), then on the measured
+steps many selection settings are applied to the same clusters: score (TensorQuest bound, size-weighted
+centroid estimate, blend) x count (Top-K at several K, cumulative mass at several top_p), with the pooled
+tail and the locality guard (own 64-token block + own key clusters) on or off. The SVG2 rule (Euclidean
+k-means on both sides, centroid estimate, top-p) and Sol-Attn (comfy-kitchen, several tau) are measured
+on the same calls. Each family's curve is interpolated to fixed kept fractions, so methods compare at
+equal density. No layer runs dense here: the study isolates selection.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .. import kernels
+from . import clustering, selection
+from .clustering import Clusters
+from .config import SELECTION_RECIPES, SelectionConfig, from_dict
+from .demo import (DenseReference, _kept_pairs_fraction, _progress, layout_attended, layout_kept_fraction,
+                   relative_l2, run_sol, sol_attn_function, sol_routing, SOL_BLOCK)
+from .workload import VideoAttentionWorkload, WorkloadConfig
+
+TARGETS = (0.10, 0.15, 0.20)
+TOP_KS = (2, 4, 8, 16, 32, 64)
+TOP_PS = (0.3, 0.5, 0.7, 0.8, 0.9, 0.95)
+SOL_TAUS = (0.5, 1.0, 1.3, 2.0, 2.5, 3.0, 4.0)
+
+
+@dataclass
+class Point:
+    family: str
+    setting: str
+    kept: float
+    rel_l2: float
+    kept_mass: float
+
+
+def selection_families() -> list[tuple[str, str, list[tuple[str, SelectionConfig]]]]:
+    """(family name, clustering ("adacluster" or "svg2"), [(setting, SelectionConfig)]) to sweep."""
+    families = []
+    base = dict(tail=False, local_block=0, own_clusters=False, min_kept_fraction=0.0)
+    variants = {"": {}, " + tail": {"tail": True}, " + local": {"local_block": 64, "own_clusters": True},
+                " + tail + local": {"tail": True, "local_block": 64, "own_clusters": True}}
+    for score in ("quest", "centroid", "blend"):
+        for suffix, change in variants.items():
+            if score == "blend" and suffix not in ("", " + tail + local"):
+                continue
+            topk = [(f"K={k}", SelectionConfig(score=score, count="topk", top_k=k, **{**base, **change}))
+                    for k in TOP_KS]
+            mass = [(f"p={p}", SelectionConfig(score=score, count="mass", top_p=p, **{**base, **change}))
+                    for p in TOP_PS]
+            families.append((f"{score} top-k{suffix}", "adacluster", topk))
+            families.append((f"{score} mass{suffix}", "adacluster", mass))
+    paper = SELECTION_RECIPES["paper"]
+    families.append(("paper recipe (quest top-k, 5% guard)", "adacluster",
+                     [(f"K={k}", dataclasses.replace(paper, top_k=k)) for k in TOP_KS]))
+    svg2 = SELECTION_RECIPES["svg2"]
+    families.append(("SVG2 rule (Euclidean both sides)", "svg2",
+                     [(f"p={p}", dataclasses.replace(svg2, top_p=p)) for p in TOP_PS]))
+    return families
+
+
+def interpolate(points: list[Point], target: float, attr: str) -> float:
+    """Linear interpolation of ``attr`` at kept fraction ``target`` along a family's curve (nan outside)."""
+    pts = sorted(points, key=lambda p: p.kept)
+    for a, b in zip(pts, pts[1:]):
+        if a.kept <= target <= b.kept:
+            if b.kept - a.kept < 1e-12:
+                return getattr(a, attr)
+            w = (target - a.kept) / (b.kept - a.kept)
+            return getattr(a, attr) * (1 - w) + getattr(b, attr) * w
+    return float("nan")
+
+
+def cluster_runs(workload: VideoAttentionWorkload, layer: int, warmup_steps: int, measured: list[int],
+                 config_values: dict):
+    """Yields (step, qc, kc) on measured steps for one layer, clustering as the runner does."""
+    cfg = from_dict({"min_tokens": 0, **config_values})
+    gen = clustering.generator_for(cfg.seed, layer)
+    state = None
+    for step in range(warmup_steps - 1, max(measured) + 1):
+        q, k, _ = workload.qkv(layer, step)
+        n = q.shape[-2]
+        if state is None:
+            if cfg.method == "svg2":
+                qi = clustering.sample_rows(q, min(cfg.query_clusters, n), gen)
+                qc_c, _, _, _ = kernels.kmeans(q, qi, cfg.calibration_iters, False)
+                ki = clustering.sample_rows(k, min(cfg.key_clusters_svg2, n), gen)
+                kc_c, _, _, _ = kernels.kmeans(k, ki, cfg.calibration_iters, False)
+                counts = torch.full(k.shape[:2], kc_c.shape[-2], dtype=torch.int64)
+            else:
+                qc_c = clustering.cluster_queries(q, min(cfg.query_clusters, n), cfg.calibration_iters,
+                                                  generator=gen).centroids
+                calib = clustering.calibrate_keys(k, min(cfg.initial_key_clusters, n), cfg.sparsity_threshold,
+                                                  cfg.threshold_mode == "relative", cfg.max_stages,
+                                                  cfg.max_clusters_fraction, cfg.calibration_iters, gen)
+                kc_c, counts = calib.clusters.centroids, calib.clusters.counts
+            state = (qc_c, kc_c, counts)
+            continue
+        qc_c, kc_c, counts = state
+        if cfg.method == "svg2":
+            c, labels, sizes, _ = kernels.kmeans(q, qc_c, cfg.step_iters, False)
+            qc = Clusters(c, labels, sizes, torch.full_like(counts, c.shape[-2]))
+        else:
+            qc = clustering.cluster_queries(q, qc_c.shape[-2], cfg.step_iters, init=qc_c)
+        kc = clustering.cluster_keys_fixed(k, kc_c, counts, cfg.step_iters)
+        state = (qc.centroids, kc.centroids, counts)
+        if step in measured:
+            yield step, qc, kc
+
+
+def run_study(workload: VideoAttentionWorkload, warmup_steps: int, measured: list[int], samples: int,
+              progress: bool = True) -> list[Point]:
+    families = selection_families()
+    sol = sol_attn_function() if workload.config.head_dim == 128 else None
+    n = workload.video_tokens
+    raw: dict[tuple[str, str], list] = {}
+    total = workload.config.layers * len(measured) * 2
+    bar = _progress(total, progress, "selection study")
+    gen = torch.Generator().manual_seed(workload.config.seed + 29)
+    for layer in range(workload.config.layers):
+        for clustering_kind in ("adacluster", "svg2"):
+            values = {"method": clustering_kind, "warmup_steps": warmup_steps}
+            for step, qc, kc in cluster_runs(workload, layer, warmup_steps, measured, values):
+                q, k, v = workload.qkv(layer, step)
+                sample = torch.randperm(n, generator=gen)[:min(samples, n)].sort().values
+                ref = DenseReference(q, k, v, None, sample)
+                dense_out = ref.output()
+                for family, kind, settings in families:
+                    if kind != clustering_kind:
+                        continue
+                    for setting, sel in settings:
+                        layout = selection.build_layout(q, k, qc, kc, sel)
+                        out = kernels.execute_layout(q, k, v, layout)
+                        mass = float((ref.probs * layout_attended(layout, sample, n)).sum(-1).mean())
+                        raw.setdefault((family, setting), []).append(
+                            (layout_kept_fraction(layout, n), relative_l2(out, dense_out), mass))
+                if clustering_kind == "svg2" and sol is not None:
+                    blocks = torch.arange(n) // SOL_BLOCK
+                    for tau in SOL_TAUS:
+                        out = run_sol(sol, q, k, v, tau)
+                        exact = sol_routing(q, k, tau)
+                        attended = exact[:, :, sample // SOL_BLOCK][..., blocks]
+                        raw.setdefault(("Sol-Attn (comfy-kitchen)", f"tau={tau}"), []).append(
+                            (_kept_pairs_fraction(exact, n), relative_l2(out, dense_out),
+                             float((ref.probs * attended).sum(-1).mean())))
+                bar.update(1)
+    bar.close()
+    points = []
+    for (family, setting), rows in raw.items():
+        kept, err, mass = (sum(r[i] for r in rows) / len(rows) for i in range(3))
+        points.append(Point(family, setting, kept, err, mass))
+    return points
+
+
+def study_table(points: list[Point]) -> str:
+    families = list(dict.fromkeys(p.family for p in points))
+    rows = []
+    for family in families:
+        pts = [p for p in points if p.family == family]
+        errs = [interpolate(pts, t, "rel_l2") for t in TARGETS]
+        masses = [interpolate(pts, t, "kept_mass") for t in TARGETS]
+        rows.append((family, errs, masses))
+    rows.sort(key=lambda r: (math.isnan(r[1][1]), r[1][1]))
+    fmt = lambda x, pct=False: "-" if not math.isfinite(x) else (f"{100 * x:.1f}%" if pct else f"{x:.4f}")  # noqa: E731
+    head = ("| selection | " + " | ".join(f"rel L2 @{int(100 * t)}%" for t in TARGETS) + " | "
+            + " | ".join(f"kept mass @{int(100 * t)}%" for t in TARGETS) + " |")
+    lines = [head, "|" + "---|" * (1 + 2 * len(TARGETS))]
+    for family, errs, masses in rows:
+        lines.append(f"| {family} | " + " | ".join(fmt(e) for e in errs) + " | "
+                     + " | ".join(fmt(m, True) for m in masses) + " |")
+    return "\n".join(lines)
+
+
+def points_table(points: list[Point]) -> str:
+    lines = ["| selection | setting | kept | rel L2 | kept mass |", "|---|---|---|---|---|"]
+    for p in points:
+        lines.append(f"| {p.family} | {p.setting} | {100 * p.kept:.1f}% | {p.rel_l2:.4f} | {100 * p.kept_mass:.1f}% |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="adacluster-study", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="tiny workload (for tests)")
+    parser.add_argument("--layers", type=int, default=6)
+    parser.add_argument("--steps", type=int, default=6)
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--measure", type=str, default="last", help="'last' or comma-separated steps")
+    parser.add_argument("--samples", type=int, default=256)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out-dir", type=Path, default=Path("output"))
+    parser.add_argument("--no-progress", action="store_true")
+    args = parser.parse_args(argv)
+    shape = dict(frames=2, height=16, width=16, heads=2, layers=2, steps=3) if args.quick else dict(
+        layers=args.layers, steps=args.steps)
+    workload = VideoAttentionWorkload(WorkloadConfig(seed=args.seed, **shape))
+    steps = workload.config.steps
+    measured = [steps - 1] if args.measure == "last" else [int(s) for s in args.measure.split(",")]
+    if not 1 <= args.warmup < steps or any(not args.warmup <= s < steps for s in measured):
+        print(f"adacluster-study: need 1 <= --warmup ({args.warmup}) <= measured steps {measured} < steps ({steps})",
+              file=sys.stderr)
+        return 2
+    started = time.perf_counter()
+    print(f"workload: {workload.describe()}; measured steps {measured}")
+    points = run_study(workload, args.warmup, measured, args.samples, progress=not args.no_progress)
+    elapsed = time.perf_counter() - started
+    table = study_table(points)
+    print(table)
+    args.out_dir.mkdir(parents=True, exist_ok=True)
+    md = args.out_dir / "selection_study.md"
+    md.write_text(f"# Selection study\n\nWorkload: {workload.describe()}; measured steps {measured}; every layer "
+                  f"sparse; mean over layers and heads. Interpolated at equal kept fraction:\n\n{table}\n\n"
+                  f"## All points\n\n{points_table(points)}\n\n({elapsed:.0f} s)\n")
+    (args.out_dir / "selection_study.json").write_text(json.dumps(
+        {"workload": dataclasses.asdict(workload.config), "measured_steps": measured,
+         "points": [dataclasses.asdict(p) for p in points]}, indent=1))
+    print(f"wrote {md} ({elapsed:.0f} s)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
