@@ -71,6 +71,8 @@ class SparseAttention:
             if calibrated:
                 ranked = sorted(calibrated, key=lambda layer: calibrated[layer][0], reverse=True)
                 n_dense = math.floor(self.config.dense_layer_fraction * len(ranked) + 0.5)  # nearest, halves up
+                if self.config.method == "svg2":  # fixed cluster counts: no ranking to pick dense layers by
+                    n_dense = 0
                 hard = {layer for layer, (_, is_hard) in calibrated.items() if is_hard}
                 cache.dense_layers = frozenset(ranked[:n_dense]) | hard
         return cache.dense_layers

@@ -4,7 +4,7 @@ from __future__ import annotations
 import json
 
 from . import common
-from .widgets import WIDGETS, Widget
+from .widgets import TOP_K_FROM_SELECTION, WIDGETS, Widget
 
 
 def _input_spec(w: Widget):
@@ -39,7 +39,8 @@ class AdaClusterSparseAttentionV1:
         return {"required": required, "optional": optional}
 
     @classmethod
-    def VALIDATE_INPUTS(cls, initial_top_k=100, top_k_clusters=64, selection="hybrid", calibration_profile=""):
+    def VALIDATE_INPUTS(cls, initial_top_k=100, top_k_clusters=TOP_K_FROM_SELECTION, selection="hybrid",
+                        calibration_profile=""):
         return common.validation_error({"initial_top_k": initial_top_k, "top_k_clusters": top_k_clusters,
                                         "selection": selection, "calibration_profile": calibration_profile}) or True
 

@@ -7,7 +7,7 @@ import json
 from comfy_api.latest import ComfyExtension, io
 
 from . import common
-from .widgets import WIDGETS, Widget
+from .widgets import TOP_K_FROM_SELECTION, WIDGETS, Widget
 
 _V3_TYPES = {"FLOAT": io.Float, "INT": io.Int, "COMBO": io.Combo, "BOOLEAN": io.Boolean, "STRING": io.String}
 
@@ -52,7 +52,8 @@ class AdaClusterSparseAttention(io.ComfyNode):
         )
 
     @classmethod
-    def validate_inputs(cls, initial_top_k=100, top_k_clusters=64, selection="hybrid", calibration_profile=""):
+    def validate_inputs(cls, initial_top_k=100, top_k_clusters=TOP_K_FROM_SELECTION, selection="hybrid",
+                        calibration_profile=""):
         # Only the values with cross-field rules or files are checked here; ComfyUI checks the ranges of
         # the other widgets itself.
         return common.validation_error({"initial_top_k": initial_top_k, "top_k_clusters": top_k_clusters,

@@ -59,7 +59,8 @@ WIDGETS: tuple = (
            "TensorQuest upper bound, as published. 'hybrid' (lowest error per kept token in our measurements): "
            "Top-K by the size-weighted centroid estimate, plus each query's own 64-token neighbourhood, the clusters "
            "holding the query cluster's own tokens, and a pooled tail for skipped clusters. 'svg2': Sparse "
-           "VideoGen 2's centroid rule with top-p 0.9.", "selection",
+           "VideoGen 2 for comparison (Euclidean k-means of queries and keys, centroid rule with top-p 0.9).",
+           "selection",
            options=RECIPES, advanced=True, config_key="recipe"),
     Widget("min_tokens", "INT", 4096, "Self-attention over fewer video tokens than this stays dense (sparse "
            "attention does not pay off on short sequences).", "min tokens", 0, 1 << 30, 256, advanced=True,
@@ -106,6 +107,8 @@ def config_from_widgets(family: str, **values: Any) -> AdaClusterConfig:
             continue
         if name == "top_k_clusters" and value == TOP_K_FROM_SELECTION:
             continue
+        if name == "selection" and value == "svg2":  # SVG2 as a whole: its clustering and its selection rule
+            overrides["method"] = "svg2"
         overrides[key] = int(value) if WIDGETS_BY_NAME[name].kind == "INT" else value
     return load_preset(family, **overrides)
 

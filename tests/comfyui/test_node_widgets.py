@@ -57,6 +57,8 @@ def test_validation_checks_cross_field_rule_and_profile_file(tmp_path):
     assert widgets.validate_widgets({"selection": "hybrid", "initial_top_k": 3, "top_k_clusters": 0}) is None
     assert widgets.config_from_widgets("wan", selection="hybrid", top_k_clusters=0).selection.top_k == 16
     assert widgets.config_from_widgets("wan", selection="paper", top_k_clusters=0).selection.top_k == 64
+    assert widgets.config_from_widgets("wan", selection="svg2").method == "svg2"
+    assert widgets.config_from_widgets("wan", selection="hybrid").method == "adacluster"
     message = widgets.validate_widgets({"calibration_profile": "nope.safetensors"}, str(tmp_path))
     assert "nope.safetensors" in message and "adacluster_profiles" in message
     (tmp_path / "adacluster_profiles").mkdir()
