@@ -84,7 +84,7 @@ class SparseAttention:
         total = Timer(q.device)
         reason = self.decide(q.shape, k.shape, call)
         video = self._video_slice(q.shape[-2], call)
-        mask = _additive(call.mask, q.dtype)
+        mask = _additive(call.mask)
         if reason is None and mask is not None and _masks_video_keys(mask, video):
             reason = "mask on video tokens"
         if reason == Phase.CALIBRATE.value:
@@ -206,7 +206,7 @@ def _batch_slice(layout: Layout, b: int) -> Layout:
                   tail=layout.tail, info=layout.info)
 
 
-def _additive(mask: Optional[torch.Tensor], dtype) -> Optional[torch.Tensor]:
+def _additive(mask: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
     if mask is None or mask.dtype != torch.bool:
         return mask
     return torch.zeros(mask.shape, dtype=torch.float32, device=mask.device).masked_fill(~mask, float("-inf"))
