@@ -243,6 +243,8 @@ def bench_shape(name, kept, generator, with_flex=True, with_call=True, with_runn
     layout = clustered_layout(heads, tokens, kept, generator, device)
     row["kept_fraction"] = float(layout.kept_fraction().mean())
     rho = row["kept_fraction"]
+    from .triton_attention import _key_path
+    row["layout_key_path"] = _key_path(q, layout.k_perm)
     row["layout_ms"] = time_ms(lambda: triton_ops.execute_layout(q, k, v, layout))
     row["layout_vs_floor"] = row["layout_ms"] / (rho * dense_ms)
     row["layout_speedup"] = dense_ms / row["layout_ms"]

@@ -4,16 +4,20 @@ Work decomposition
 * Query side: every query segment is cut into BLOCK_M tiles of its permuted rows. The tile table is built
   on the device; the grid is sized by the bound ceil(N / BLOCK_M) + Sq per (batch, head) and surplus
   programs exit at once, so nothing waits for the host.
-* Key side: the selected key segments of a query segment, in permuted order, are concatenated into one
-  "stream" that is walked in chunks of at most BLOCK_N keys. A chunk may span several small segments, so
-  ragged clusters cost no padding beyond the last chunk. Chunk boundaries are every BLOCK_N stream
-  positions plus every WINDOW-th segment boundary; hence one chunk touches at most WINDOW segments and a
-  lane finds its segment with a WINDOW-wide comparison instead of a search.
+* Key side ("hybrid" path, clustered keys on GPUs with TMA): K and V are gathered once into clustered
+  order (a bandwidth-bound copy), so a selected key segment is a contiguous row range. Per query
+  segment, neighbouring selected segments merge into ranges; every whole BLOCK_N chunk of a range is
+  loaded by TMA with no masking, and the ranges' remainders (< BLOCK_N rows each) are packed into one
+  "stream" walked in gathered chunks of at most BLOCK_N rows, so ragged clusters cost no padding.
+  Stream chunk boundaries are every BLOCK_N stream positions plus every WINDOW-th piece boundary; hence
+  one chunk touches at most WINDOW pieces and a lane finds its piece with a WINDOW-wide comparison
+  instead of a search. The "stream" path (keys in original order, or no TMA) streams all selected
+  segments that way, gathering rows through k_perm.
 * Extras: the text sink (with optional additive bias) and the pooled tail are further key passes of the
   same online softmax. The local block (original order, minus keys already selected) runs first as a
   small kernel whose (output, log-sum-exp) the main kernel merges in its epilogue.
-* Q rows are gathered through q_perm on load, K/V rows through k_perm, and the output is written straight
-  to the original token positions, so no permuted copies of Q, K, V or O are ever made.
+* Q rows are gathered through q_perm on load and the output is written straight to the original token
+  positions, so no permuted copies of Q or O are made.
 """
 from __future__ import annotations
 
@@ -23,6 +27,7 @@ import os
 import torch
 import triton
 import triton.language as tl
+from triton.tools.tensor_descriptor import TensorDescriptor
 
 from . import reference
 from .triton_cluster import segment_reduce
@@ -45,6 +50,27 @@ def _online_update(q, k, v, bias, m_i, l_i, acc, qk_scale):
 
 
 @triton.jit
+def _stream_rows(c, chunk_count, base, MAXB, Sk, bounds, bound_seg, cum, delta, lanes, wins,
+                 WINDOWED: tl.constexpr):
+    """Key rows (positions in the key tensor) of stream chunk c and which lanes are real. WINDOWED: the row
+    offsets of the chunk's segments are loaded with its window (one dependent load less)."""
+    live = c < chunk_count
+    p0 = tl.load(bounds + base * MAXB + c, mask=live, other=0)
+    p1 = tl.load(bounds + base * MAXB + c + 1, mask=live, other=0)
+    s0 = tl.load(bound_seg + base * MAXB + c, mask=live, other=0)
+    p = p0 + lanes
+    ok = p < p1
+    ends = tl.load(cum + base * (Sk + 1) + s0 + 1 + wins, mask=s0 + 1 + wins <= Sk, other=2147483647)
+    step = tl.sum((p[:, None] >= ends[None, :]).to(tl.int32), 1)
+    if WINDOWED:
+        shifts = tl.load(delta + base * Sk + s0 + wins, mask=s0 + wins < Sk, other=0)
+        shift = tl.sum(tl.where(step[:, None] == wins[None, :], shifts[None, :], 0), 1)
+    else:
+        shift = tl.load(delta + base * Sk + s0 + step, mask=ok, other=0)
+    return p + shift, ok
+
+
+@triton.jit
 def _layout_kernel(Q, K, V, Out, Lse,
                    sqb, sqh, sqn, skb, skh, skn, svb, svh, svn,
                    H, N, Sq, Sk, TMAX, MAXB,
@@ -53,12 +79,12 @@ def _layout_kernel(Q, K, V, Out, Lse,
                    TK, TV, stkb, stkh, stkn, stvb, stvh, stvn, Nt,
                    TB, stbb, stbh, stbn, stbt,
                    KM, VM, tail_bias, selected,
-                   LO, LL,
+                   LO, LL, KD, VD, full_start, n_full, MAXC,
                    qk_scale,
                    D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, WIN: tl.constexpr,
                    HAS_QPERM: tl.constexpr, HAS_KPERM: tl.constexpr, HAS_TEXT: tl.constexpr,
                    HAS_TBIAS: tl.constexpr, HAS_TAIL: tl.constexpr, HAS_LOCAL: tl.constexpr,
-                   STORE_LSE: tl.constexpr):
+                   STORE_LSE: tl.constexpr, KEY_MODE: tl.constexpr):
     t = tl.program_id(0)
     g = tl.program_id(1).to(tl.int64)
     if t >= tl.load(n_tiles + g):
@@ -83,21 +109,23 @@ def _layout_kernel(Q, K, V, Out, Lse,
     acc = tl.zeros([BLOCK_M, D], tl.float32)
     lanes = tl.arange(0, BLOCK_N)
 
-    # selected key segments, as one stream of permuted key positions
+    # selected key segments
     base = g * Sq + seg
     chunk_count = tl.load(n_chunks + base)
     wins = tl.arange(0, WIN)
     k_base = K + b * skb + h * skh
     v_base = V + b * svb + h * svh
+    if KEY_MODE == 1:  # whole BLOCK_N chunks of the merged ranges, contiguous rows of the permuted K/V, by TMA
+        full_count = tl.load(n_full + base)
+        for c in range(0, full_count):
+            row0 = (g * N + tl.load(full_start + base * MAXC + c)).to(tl.int32)
+            k = KD.load([row0, 0])
+            v = VD.load([row0, 0])
+            m_i, l_i, acc = _online_update(q, k, v, tl.zeros([1, BLOCK_N], tl.float32), m_i, l_i, acc, qk_scale)
+    # the stream: all selected segments (KEY_MODE 0) or the ranges' remainders (KEY_MODE 1), gathered rows
     for c in range(0, chunk_count):
-        p0 = tl.load(bounds + base * MAXB + c)
-        p1 = tl.load(bounds + base * MAXB + c + 1)
-        s0 = tl.load(bound_seg + base * MAXB + c)
-        p = p0 + lanes
-        ok = p < p1
-        ends = tl.load(cum + base * (Sk + 1) + s0 + 1 + wins, mask=s0 + 1 + wins <= Sk, other=2147483647)
-        step = tl.sum((p[:, None] >= ends[None, :]).to(tl.int32), 1)
-        pos = p + tl.load(delta + base * Sk + s0 + step, mask=ok, other=0)
+        pos, ok = _stream_rows(c, chunk_count, base, MAXB, Sk, bounds, bound_seg, cum, delta, lanes, wins,
+                               KEY_MODE == 1)
         if HAS_KPERM:
             kpos = tl.load(k_perm + g * N + pos, mask=ok, other=0).to(tl.int64)
         else:
@@ -190,9 +218,53 @@ def _local_kernel(Q, K, V, LO, LL, sqb, sqh, sqn, skb, skh, skn, svb, svh, svn,
     tl.store(LL + g * N + rows, lse, mask=row_ok)
 
 
+@triton.jit
+def _permute_kv_kernel(K, V, KP, VP, perm, skb, skh, skn, svb, svh, svn, H, N,
+                       D: tl.constexpr, BLOCK: tl.constexpr):
+    """KP[g, p] = K[b, h, perm[g, p]] (and V likewise): K/V in clustered order, (G, N, D) contiguous."""
+    g = tl.program_id(1).to(tl.int64)
+    b = g // H
+    h = g % H
+    rows = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    ok = rows < N
+    dims = tl.arange(0, D)
+    src = tl.load(perm + g * N + rows, mask=ok, other=0).to(tl.int64)
+    dst = (g * N + rows[:, None].to(tl.int64)) * D + dims[None, :]
+    k = tl.load(K + b * skb + h * skh + src[:, None] * skn + dims[None, :], mask=ok[:, None], other=0.0)
+    tl.store(KP + dst, k, mask=ok[:, None])
+    v = tl.load(V + b * svb + h * svh + src[:, None] * svn + dims[None, :], mask=ok[:, None], other=0.0)
+    tl.store(VP + dst, v, mask=ok[:, None])
+
+
+def permute_kv(k: torch.Tensor, v: torch.Tensor, k_perm: torch.Tensor):
+    """K and V gathered into clustered order once: (B, H, N, d) contiguous copies."""
+    batch, heads, n, d = k.shape
+    kp = torch.empty(batch, heads, n, d, device=k.device, dtype=k.dtype)
+    vp = torch.empty_like(kp)
+    perm = k_perm.reshape(batch * heads, n).contiguous()
+    block = 64
+    _permute_kv_kernel[(triton.cdiv(n, block), batch * heads)](
+        k, v, kp, vp, perm, k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
+        heads, n, D=d, BLOCK=block, num_warps=4)
+    return kp, vp
+
+
 # ------------------------------------------------------------------------------------------ planning
 # (BLOCK_M, BLOCK_N, num_warps, num_stages) per head dim, set by measurement tools to compare tilings
 CONFIG_OVERRIDE: dict = {}
+KEY_PATH_OVERRIDE = None  # "stream" or "hybrid": forces a key path (tests and measurements)
+
+
+def _key_path(q: torch.Tensor, k_perm) -> str:
+    """"hybrid" (K/V permuted once, whole chunks by TMA, remainders gathered) where keys are clustered and
+    the GPU has TMA (compute capability 9+); else "stream" (every key row gathered through k_perm)."""
+    if k_perm is None:
+        return "stream"
+    if KEY_PATH_OVERRIDE is not None:
+        return KEY_PATH_OVERRIDE
+    if os.environ.get("TRITON_INTERPRET") == "1" or torch.cuda.get_device_capability(q.device)[0] >= 9:
+        return "hybrid"
+    return "stream"
 
 
 def _config(d: int):
@@ -245,15 +317,23 @@ def stream_plan(selected: torch.Tensor, k_off: torch.Tensor, n_tokens: int, bloc
     count = sel.sum(-1, keepdim=True)  # (G, Sq, 1)
     in_list = torch.arange(sk, device=device).expand(groups, sq, sk) < count
     listed_sizes = torch.where(in_list, k_sizes.unsqueeze(1).expand(groups, sq, sk).gather(-1, listed.long()), 0)
-    cum = torch.zeros(groups, sq, sk + 1, device=device, dtype=torch.int32)
-    cum[..., 1:] = listed_sizes.cumsum(-1)
-    total = cum[..., -1:]
     starts = k_off[:, :-1].to(torch.int32).unsqueeze(1).expand(groups, sq, sk).gather(-1, listed.long())
+    return stream_over_pieces(starts, listed_sizes, n_tokens, block_n)
+
+
+def stream_over_pieces(starts: torch.Tensor, sizes: torch.Tensor, n_tokens: int, block_n: int):
+    """The stream tables (see stream_plan) of listed pieces of key rows: starts, sizes (G, Sq, P) int32,
+    unused list entries of size 0."""
+    groups, sq, pieces = sizes.shape
+    device = sizes.device
+    cum = torch.zeros(groups, sq, pieces + 1, device=device, dtype=torch.int32)
+    cum[..., 1:] = sizes.cumsum(-1)
+    total = cum[..., -1:]
     delta = (starts - cum[..., :-1]).contiguous()
-    # chunk starts: every block_n stream positions, and every WINDOW-th listed segment start
+    # chunk starts: every block_n stream positions, and every WINDOW-th listed piece start
     n_grid = triton.cdiv(n_tokens, block_n)
     grid_starts = (torch.arange(n_grid, device=device, dtype=torch.int32) * block_n).expand(groups, sq, n_grid)
-    window_starts = cum[..., WINDOW:sk:WINDOW]
+    window_starts = cum[..., WINDOW:pieces:WINDOW]
     starts_all = torch.cat([grid_starts, window_starts], dim=-1)
     starts_all = torch.where(starts_all < total, starts_all, total)
     bounds = torch.sort(starts_all, dim=-1).values
@@ -261,6 +341,54 @@ def stream_plan(selected: torch.Tensor, k_off: torch.Tensor, n_tokens: int, bloc
     bounds = torch.cat([bounds, total], dim=-1).contiguous()
     bound_seg = torch.searchsorted(cum[..., 1:].contiguous(), bounds, right=True).to(torch.int32)
     return cum.contiguous(), delta, bounds, bound_seg.contiguous(), n_chunks.contiguous()
+
+
+def merged_ranges(selected: torch.Tensor, k_off: torch.Tensor):
+    """Per (group, query segment): the selected key segments merged into contiguous ranges of permuted key
+    rows (neighbouring selected segments, and empty segments between them, join one range). Returns
+    range starts and ends (G, Sq, Sk) int32, unused entries empty (start == end == 0)."""
+    groups, sq, sk = selected.shape
+    device = selected.device
+    k_off = k_off.to(torch.int32)
+    empty = (k_off[:, 1:] == k_off[:, :-1]).unsqueeze(1)
+    joined = selected | empty
+    before = torch.nn.functional.pad(joined[..., :-1], (1, 0), value=False)
+    after = torch.nn.functional.pad(joined[..., 1:], (0, 1), value=False)
+    opens = joined & ~before
+    closes = joined & ~after
+    starts_at = k_off[:, :-1].unsqueeze(1).expand(groups, sq, sk)
+    ends_at = k_off[:, 1:].unsqueeze(1).expand(groups, sq, sk)
+    slot_open = torch.where(opens, opens.to(torch.int32).cumsum(-1) - 1, sk).long()
+    slot_close = torch.where(closes, closes.to(torch.int32).cumsum(-1) - 1, sk).long()
+    range_start = torch.zeros(groups, sq, sk + 1, device=device, dtype=torch.int32).scatter_(-1, slot_open, starts_at)
+    range_end = torch.zeros(groups, sq, sk + 1, device=device, dtype=torch.int32).scatter_(-1, slot_close, ends_at)
+    return range_start[..., :sk].contiguous(), range_end[..., :sk].contiguous()
+
+
+def chunk_table(range_start: torch.Tensor, chunks: torch.Tensor, n_tokens: int, block_n: int):
+    """Starts of the chunks (G, Sq, MAXC) int32 when range r of every list is cut into chunks[r] chunks of
+    block_n rows from range_start[r]; MAXC = ceil(N / block_n) + Sk bounds the count. Also the count (G, Sq)."""
+    groups, sq, sk = chunks.shape
+    last_chunk = chunks.cumsum(-1)
+    n_chunks = last_chunk[..., -1].to(torch.int32).contiguous()
+    maxc = triton.cdiv(n_tokens, block_n) + sk
+    index = torch.arange(maxc, device=chunks.device, dtype=torch.int32).expand(groups, sq, maxc).contiguous()
+    which = torch.searchsorted(last_chunk.contiguous(), index, right=True).clamp_max(sk - 1)
+    first_chunk = (last_chunk - chunks).gather(-1, which)
+    chunk_start = range_start.gather(-1, which) + (index - first_chunk) * block_n
+    return chunk_start.to(torch.int32).contiguous(), n_chunks
+
+
+def hybrid_plan(selected: torch.Tensor, k_off: torch.Tensor, n_tokens: int, block_n: int):
+    """Merged ranges split into whole block_n chunks (contiguous, loaded by TMA) and their remainders
+    (< block_n rows each), which are packed into one stream. Returns (full chunk starts, full count,
+    stream tables of stream_plan)."""
+    range_start, range_end = merged_ranges(selected, k_off)
+    length = range_end - range_start
+    full = length // block_n
+    full_start, n_full = chunk_table(range_start, full, n_tokens, block_n)
+    rest_start = range_start + full * block_n
+    return full_start, n_full, stream_over_pieces(rest_start, length - full * block_n, n_tokens, block_n)
 
 
 def _unit_stride_rows(x: torch.Tensor) -> torch.Tensor:
@@ -279,11 +407,22 @@ def run_layout(q, k, v, q_off, k_off, selected, q_perm, k_perm, local_block: int
     sel = selected.reshape(groups, sq, sk)
     block_m, block_n, warps, stages = _config(d)
     seg, m0, n_tiles, tmax = tile_table(q_off2, n, block_m)
-    cum, delta, bounds, bound_seg, n_chunks = stream_plan(sel, k_off2, n, block_n)
-    maxb = bounds.shape[-1]
-    sel_bytes = sel.to(torch.int8).contiguous()
     qp = q_perm.reshape(groups, n).contiguous() if q_perm is not None else None
     kp = k_perm.reshape(groups, n).contiguous() if k_perm is not None else None
+    key_path = _key_path(q, kp)
+    k_rows, v_rows = k, v
+    kd = vd = full_start = n_full = None
+    maxc = 0
+    if key_path == "hybrid":
+        k_rows, v_rows = permute_kv(k, v, k_perm)
+        full_start, n_full, (cum, delta, bounds, bound_seg, n_chunks) = hybrid_plan(sel, k_off2, n, block_n)
+        maxc = full_start.shape[-1]
+        kd = TensorDescriptor.from_tensor(k_rows.view(groups * n, d), [block_n, d])
+        vd = TensorDescriptor.from_tensor(v_rows.view(groups * n, d), [block_n, d])
+    else:
+        cum, delta, bounds, bound_seg, n_chunks = stream_plan(sel, k_off2, n, block_n)
+    maxb = bounds.shape[-1]
+    sel_bytes = sel.to(torch.int8).contiguous()
     out = torch.empty(batch, heads, n, d, device=q.device, dtype=q.dtype)
     lse = torch.empty(batch, heads, n, device=q.device, dtype=torch.float32)
     qk_scale = scale * LOG2E
@@ -325,11 +464,11 @@ def run_layout(q, k, v, q_off, k_off, selected, q_perm, k_perm, local_block: int
         tb, tb_strides = placeholder, (0, 0, 0, 0)
 
     _layout_kernel[(tmax, groups)](
-        q, k, v, out, lse,
-        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-        v.stride(0), v.stride(1), v.stride(2),
+        q, k_rows, v_rows, out, lse,
+        q.stride(0), q.stride(1), q.stride(2), k_rows.stride(0), k_rows.stride(1), k_rows.stride(2),
+        v_rows.stride(0), v_rows.stride(1), v_rows.stride(2),
         heads, n, sq, sk, tmax, maxb,
-        qp if qp is not None else placeholder, kp if kp is not None else placeholder,
+        qp if qp is not None else placeholder, kp if (kp is not None and key_path == "stream") else placeholder,
         seg, m0, n_tiles, q_off2.contiguous(),
         cum, delta, bounds, bound_seg, n_chunks,
         text_k if has_text else placeholder, text_v if has_text else placeholder, *tk_strides, *tv_strides, n_text,
@@ -337,9 +476,12 @@ def run_layout(q, k, v, q_off, k_off, selected, q_perm, k_perm, local_block: int
         k_mean if tail else placeholder, v_mean if tail else placeholder,
         tail_bias if tail else placeholder, sel_bytes,
         local_out if local_block else placeholder, local_lse if local_block else placeholder,
+        kd if kd is not None else placeholder, vd if vd is not None else placeholder,
+        full_start if full_start is not None else placeholder, n_full if n_full is not None else placeholder, maxc,
         qk_scale,
         D=d, BLOCK_M=block_m, BLOCK_N=block_n, WIN=WINDOW,
-        HAS_QPERM=qp is not None, HAS_KPERM=kp is not None, HAS_TEXT=has_text, HAS_TBIAS=has_bias,
-        HAS_TAIL=tail, HAS_LOCAL=bool(local_block), STORE_LSE=True,
+        HAS_QPERM=qp is not None, HAS_KPERM=kp is not None and key_path == "stream", HAS_TEXT=has_text,
+        HAS_TBIAS=has_bias, HAS_TAIL=tail, HAS_LOCAL=bool(local_block), STORE_LSE=True,
+        KEY_MODE=int(key_path == "hybrid"),
         num_warps=warps, num_stages=stages)
     return out, lse

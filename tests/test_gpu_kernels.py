@@ -211,6 +211,68 @@ def test_execute_layout_matches_reference(case, dtype, head_dim):
     torch.testing.assert_close(lse[finite], want_lse[finite], atol=2e-2, rtol=1e-3)
 
 
+
+@pytest.fixture
+def key_path():
+    """Forces one key path of the layout kernel for a test, restoring the automatic choice after it."""
+    from comfyui_adacluster.kernels import triton_attention
+
+    def force(path):
+        triton_attention.KEY_PATH_OVERRIDE = path
+    yield force
+    triton_attention.KEY_PATH_OVERRIDE = None
+
+
+@pytest.mark.parametrize("path", ["stream", "hybrid"])
+@pytest.mark.parametrize("dtype", HALF_DTYPES)
+@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("case", ["clusters", "hybrid", "adjacent-runs"])
+def test_every_key_path_matches_reference(key_path, path, case, dtype, head_dim):
+    """Both key paths; "adjacent-runs" selects runs of neighbouring key segments (merged ranges longer
+    than a chunk, whole chunks plus remainders) and leaves one query segment with no keys."""
+    key_path(path)
+    gen = torch.Generator().manual_seed(sum(map(ord, case + path)) + head_dim)
+    batch, heads, tokens, sk = 1, 3, 2011, 29
+    options = LAYOUT_CASES.get(case, dict(empty_every=7))
+    layout = random_layout(batch, heads, tokens, sq=11, sk=sk, density=0.2, generator=gen, **options)
+    if case == "adjacent-runs":
+        run_start = torch.randint(0, sk, (batch, heads, 11, 1), generator=gen)
+        run_length = torch.randint(1, 12, (batch, heads, 11, 1), generator=gen)
+        j = torch.arange(sk)
+        layout.selected = ((j >= run_start) & (j < run_start + run_length)).to(DEVICE)
+        layout.selected[:, :, 4] = False
+    q, k, v = qkv(batch, heads, tokens, head_dim, dtype, gen, spread=2.0)
+    out, lse = triton_ops.execute_layout(q, k, v, layout, return_lse=True)
+    want, want_lse = reference.execute_layout(q, k, v, layout, return_lse=True)
+    assert_close_attention(out, want, dtype)
+    assert torch.equal(torch.isinf(lse), torch.isinf(want_lse))
+    finite = torch.isfinite(want_lse)
+    torch.testing.assert_close(lse[finite], want_lse[finite], atol=2e-2, rtol=1e-3)
+
+
+def test_hybrid_plan_covers_exactly_the_selected_keys():
+    """Whole chunks plus remainder pieces of the merged ranges list every selected key row once."""
+    from comfyui_adacluster.kernels import triton_attention
+    gen = torch.Generator().manual_seed(21)
+    layout = random_layout(1, 2, 3001, sq=6, sk=41, density=0.4, generator=gen, tiny=True, empty_every=5)
+    groups, n, block = 2, 3001, 64
+    selected = layout.selected.reshape(groups, 6, 41)
+    k_off = layout.k_offsets.reshape(groups, 42)
+    full_start, n_full, (cum, delta, bounds, bound_seg, n_chunks) = triton_attention.hybrid_plan(
+        selected, k_off, n, block)
+    for g in range(groups):
+        for i in range(6):
+            rows = [torch.arange(s, s + block) for s in full_start[g, i, : int(n_full[g, i])].tolist()]
+            total = int(cum[g, i, -1])
+            positions = torch.arange(total, device=DEVICE)
+            piece = torch.searchsorted(cum[g, i, 1:].contiguous(), positions, right=True)
+            rows.append((positions + delta[g, i].gather(0, piece)).cpu())
+            got = torch.sort(torch.cat(rows)).values
+            segment = torch.searchsorted(k_off[g, 1:].cpu(), torch.arange(n), right=True)
+            want = torch.nonzero(selected[g, i].cpu()[segment]).flatten()
+            assert torch.equal(got, want)
+
+
 @pytest.mark.parametrize("dtype", HALF_DTYPES)
 def test_execute_layout_with_text_sink_and_mask(dtype):
     gen = torch.Generator().manual_seed(11)
