@@ -90,8 +90,7 @@ class SparseAttention:
         if reason == Phase.CALIBRATE.value:
             out = dense()
             clustering_timer = Timer(q.device)
-            counts = torch.stack([self._calibrate(q[b:b + 1, :, video], k[b:b + 1, :, video], call, b)
-                                  for b in range(q.shape[0])])
+            counts = self.calibrate(q[:, :, video], k[:, :, video], call)
             self.cache.record(CallRecord(call.layer, call.step, False, reason, total.stop(),
                                          clustering_timer.stop(), key_counts=counts))
             return out
@@ -107,10 +106,8 @@ class SparseAttention:
         text = self._text_slice(n, call)
         qv, kv, vv = q[:, :, video], k[:, :, video], v[:, :, video]
         clustering_timer = Timer(q.device)
-        for b in range(batch):  # first sparse call of a branch (no calibration step seen): calibrate it now
-            if self.cache.state(call.layer, call.branches[b]) is None:
-                self._calibrate(qv[b:b + 1], kv[b:b + 1], call, b)
-        layout, qc, kc = self._layout(qv, kv, call)  # all branches at once, each from its own state
+        qc, kc = self.cluster(qv, kv, call)
+        layout = selection.build_layout(qv, kv, qc, kc, self.config.selection)
         kept = selection.kept_fraction(layout, qc.labels, kc.labels)
         clustering_timer.stop()
         if self.observer is not None:
@@ -131,6 +128,18 @@ class SparseAttention:
         return out
 
     # ------------------------------------------------------------------ clustering
+    def calibrate(self, q: torch.Tensor, k: torch.Tensor, call: CallInfo) -> torch.Tensor:
+        """Full clustering of the video tokens q, k (B, H, N, d) of every branch; returns (B, H) key counts."""
+        return torch.stack([self._calibrate(q[b:b + 1], k[b:b + 1], call, b) for b in range(q.shape[0])])
+
+    def cluster(self, q: torch.Tensor, k: torch.Tensor, call: CallInfo) -> tuple[Clusters, Clusters]:
+        """Query and key clusters of a sparse call: a branch seen for the first time (no calibration step)
+        is calibrated now; then every branch takes one warm-started round from its cached centroids."""
+        for b in range(q.shape[0]):
+            if self.cache.state(call.layer, call.branches[b]) is None:
+                self._calibrate(q[b:b + 1], k[b:b + 1], call, b)
+        return self._warm_start(q, k, call)
+
     def _calibrate(self, q: torch.Tensor, k: torch.Tensor, call: CallInfo, b: int) -> torch.Tensor:
         """Full clustering of one batch element; stores the branch state. Returns (H,) key counts."""
         cfg = self.config
@@ -159,8 +168,8 @@ class SparseAttention:
             k_counts=kc.counts[0], hard=hard, tokens=n))
         return kc.counts[0]
 
-    def _layout(self, q, k, call):
-        """Warm-started clustering of every batch element from its branch's cached centroids, then selection.
+    def _warm_start(self, q, k, call):
+        """Warm-started clustering of every batch element from its branch's cached centroids.
 
         Branches may have different key cluster counts: their centroids are padded to the largest count with
         unused slots (beyond k_counts), which stay empty and are cut off again when the state is stored."""
@@ -179,7 +188,7 @@ class SparseAttention:
         for b, s in enumerate(states):
             s.q_centroids = qc.centroids[b].to(q.dtype)
             s.k_centroids = kc.centroids[b, :, :k_slots[b]].to(k.dtype)
-        return selection.build_layout(q, k, qc, kc, cfg.selection), qc, kc
+        return qc, kc
 
     # ------------------------------------------------------------------ token ranges
     @staticmethod

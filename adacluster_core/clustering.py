@@ -96,7 +96,8 @@ def calibrate_keys(k: torch.Tensor, initial_clusters: int, alpha: float, relativ
 
     Stage 1 clusters every key into ``initial_clusters``; tau = alpha * mean distance (relative) or alpha
     (absolute). Keys farther than tau from their centroid are re-clustered alone into at most
-    ``initial_clusters`` new clusters; keys that now lie within tau are accepted. This repeats for at most ``max_stages`` stages. A head is hard to compress when it needs more
+    ``initial_clusters`` new clusters; keys that now lie within tau are accepted. This repeats for at most
+    ``max_stages`` stages. A head is hard to compress when it needs more
     than ``cap_fraction * N`` clusters or still has keys beyond tau after the last stage.
     Runs once per layer per run; loops over heads on the host, which is fine at that rate."""
     batch, heads, n, d = k.shape

@@ -25,8 +25,9 @@ from pathlib import Path
 import torch
 
 from .. import kernels
-from . import clustering, selection
-from .clustering import Clusters
+from . import selection
+from .attention import CallInfo, SparseAttention
+from .cache import RunCache
 from .config import SELECTION_RECIPES, SelectionConfig, from_dict
 from .demo import (DenseReference, _kept_pairs_fraction, _progress, layout_attended, layout_kept_fraction,
                    relative_l2, run_sol, sol_attn_function, sol_routing, SOL_BLOCK)
@@ -86,39 +87,21 @@ def interpolate(points: list[Point], target: float, attr: str) -> float:
 
 def cluster_runs(workload: VideoAttentionWorkload, layer: int, warmup_steps: int, measured: list[int],
                  config_values: dict):
-    """Yields (step, qc, kc) on measured steps for one layer, clustering as the runner does."""
-    cfg = from_dict({"min_tokens": 0, **config_values})
-    gen = clustering.generator_for(cfg.seed, layer)
-    state = None
+    """Yields (step, qc, kc) on measured steps for one layer, clustered by the runner itself: calibration on
+    the last warm-up step, then one warm-started round per step."""
+    cfg = from_dict({"min_tokens": 0, "warmup_steps": warmup_steps, **config_values})
+    runner = SparseAttention(cfg, RunCache())
+    runner.cache.start_run(workload.config.steps)
     for step in range(warmup_steps - 1, max(measured) + 1):
         q, k, _ = workload.qkv(layer, step)
-        n = q.shape[-2]
-        if state is None:
-            if cfg.method == "svg2":
-                qi = clustering.sample_rows(q, min(cfg.query_clusters, n), gen)
-                qc_c, _, _, _ = kernels.kmeans(q, qi, cfg.calibration_iters, False)
-                ki = clustering.sample_rows(k, min(cfg.key_clusters_svg2, n), gen)
-                kc_c, _, _, _ = kernels.kmeans(k, ki, cfg.calibration_iters, False)
-                counts = torch.full(k.shape[:2], kc_c.shape[-2], dtype=torch.int64)
-            else:
-                qc_c = clustering.cluster_queries(q, min(cfg.query_clusters, n), cfg.calibration_iters,
-                                                  generator=gen).centroids
-                calib = clustering.calibrate_keys(k, min(cfg.initial_key_clusters, n), cfg.sparsity_threshold,
-                                                  cfg.threshold_mode == "relative", cfg.max_stages,
-                                                  cfg.max_clusters_fraction, cfg.calibration_iters, gen)
-                kc_c, counts = calib.clusters.centroids, calib.clusters.counts
-            state = (qc_c, kc_c, counts)
+        call = CallInfo(layer, step, workload.config.steps, branches=tuple(range(q.shape[0])))
+        if step == warmup_steps - 1:
+            runner.calibrate(q, k, call)
             continue
-        qc_c, kc_c, counts = state
-        if cfg.method == "svg2":
-            c, labels, sizes, _ = kernels.kmeans(q, qc_c, cfg.step_iters, False)
-            qc = Clusters(c, labels, sizes, torch.full_like(counts, c.shape[-2]))
-        else:
-            qc = clustering.cluster_queries(q, qc_c.shape[-2], cfg.step_iters, init=qc_c)
-        kc = clustering.cluster_keys_fixed(k, kc_c, counts, cfg.step_iters)
-        state = (qc.centroids, kc.centroids, counts)
+        qc, kc = runner.cluster(q, k, call)
         if step in measured:
             yield step, qc, kc
+    runner.cache.release()
 
 
 def run_study(workload: VideoAttentionWorkload, warmup_steps: int, measured: list[int], samples: int,
