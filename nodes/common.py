@@ -65,8 +65,10 @@ def apply_patch(model, preset: str = PRESET_AUTO, verbose: bool = False, calibra
     return comfy_adapter.patch_model(model, config, family=family, profile=profile, verbose=verbose)
 
 
-def report_outputs(model) -> tuple:
-    """(text, IMAGE tensor (1, H, W, 3) in [0, 1], JSON-able dict) for the report node."""
+def report_outputs(model, save_profile: str = "") -> tuple:
+    """(text, IMAGE tensor (1, H, W, 3) in [0, 1], JSON-able dict) for the report node.
+
+    With ``save_profile``, the last run's calibration is also saved as a profile file."""
     from ..adacluster_core import comfy_adapter
 
     patch = comfy_adapter.find_patch(model)
@@ -82,9 +84,23 @@ def report_outputs(model) -> tuple:
     if report is None:
         text = f"{patch.label}: no sampling run yet.\n{footer}"
         return text, _text_image(text), {"patched": True, "report": None, "status": status}
+    path = resolve_profile_path(save_profile, models_dir())
+    if path is not None:
+        footer += "\n" + _save_calibration(patch.cache.last_calibration, path)
     text = f"{patch.label} ({patch.family.display})\n{report.to_text()}\n{footer}"
     image = _report_image(report, patch.label)
     return text, image, {"patched": True, "report": _jsonable(report.to_dict()), "status": status}
+
+
+def _save_calibration(calibration, path: str) -> str:
+    """Saves a run's calibration as a profile; returns one line saying what happened."""
+    from ..adacluster_core.profiles import save_profile
+
+    if calibration is None:
+        return "no calibration to save: the run never reached its calibration step"
+    save_profile(calibration, path)
+    log.info("[AdaCluster] saved calibration profile %s", path)
+    return f"calibration profile saved to {path}"
 
 
 def _report_image(report, title: str) -> torch.Tensor:

@@ -4,7 +4,7 @@ from __future__ import annotations
 import json
 
 from . import common
-from .widgets import TOP_K_FROM_SELECTION, WIDGETS, Widget
+from .widgets import SAVE_PROFILE_WIDGET, TOP_K_FROM_SELECTION, WIDGETS, Widget
 
 
 def _input_spec(w: Widget):
@@ -62,14 +62,14 @@ class AdaClusterReportV1:
             "model": ("MODEL", {"tooltip": "The model returned by AdaCluster Sparse Attention."}),
             "samples": ("LATENT", {"tooltip": "The sampler output made with that model; it makes the report wait "
                                    "for the run."}),
-        }}
+        }, "optional": {SAVE_PROFILE_WIDGET.name: _input_spec(SAVE_PROFILE_WIDGET)}}
 
     @classmethod
-    def IS_CHANGED(cls, model, samples):
+    def IS_CHANGED(cls, model, samples, save_profile=""):
         return float("nan")
 
-    def report(self, model, samples):
-        text, image, data = common.report_outputs(model)
+    def report(self, model, samples, save_profile=""):
+        text, image, data = common.report_outputs(model, save_profile)
         return {"ui": {"text": (text,), "adacluster_report": (json.dumps(data),)}, "result": (text, image)}
 
 

@@ -7,7 +7,7 @@ import json
 from comfy_api.latest import ComfyExtension, io
 
 from . import common
-from .widgets import TOP_K_FROM_SELECTION, WIDGETS, Widget
+from .widgets import SAVE_PROFILE_WIDGET, TOP_K_FROM_SELECTION, WIDGETS, Widget
 
 _V3_TYPES = {"FLOAT": io.Float, "INT": io.Int, "COMBO": io.Combo, "BOOLEAN": io.Boolean, "STRING": io.String}
 
@@ -77,6 +77,7 @@ class AdaClusterReport(io.ComfyNode):
                 io.Model.Input("model", tooltip="The model returned by AdaCluster Sparse Attention."),
                 io.Latent.Input("samples", tooltip="The sampler output made with that model; it makes the report "
                                 "wait for the run."),
+                _input(SAVE_PROFILE_WIDGET),
             ],
             outputs=[
                 io.String.Output(display_name="report", tooltip="The statistics as text."),
@@ -87,12 +88,12 @@ class AdaClusterReport(io.ComfyNode):
         )
 
     @classmethod
-    def fingerprint_inputs(cls, model, samples):
+    def fingerprint_inputs(cls, model, samples, save_profile=""):
         return float("nan")  # always re-read: the statistics belong to the latest run
 
     @classmethod
-    def execute(cls, model, samples) -> io.NodeOutput:
-        text, image, data = common.report_outputs(model)
+    def execute(cls, model, samples, save_profile="") -> io.NodeOutput:
+        text, image, data = common.report_outputs(model, save_profile)
         return io.NodeOutput(text, image, ui={"text": (text,), "adacluster_report": (json.dumps(data),)})
 
 

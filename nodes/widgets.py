@@ -73,6 +73,13 @@ WIDGETS: tuple = (
 )
 WIDGETS_BY_NAME = {w.name: w for w in WIDGETS}
 
+# Input of the report node: where to save the last run's calibration for the calibration_profile widget.
+SAVE_PROFILE_WIDGET = Widget(
+    "save_profile", "STRING", "", "Optional file name: saves the last run's calibration (key cluster counts per "
+    "layer and head, dense layers) as a profile in models/adacluster_profiles, to load later through the "
+    "'calibration profile' input of AdaCluster Sparse Attention for the same model, resolution and length. "
+    "Empty: nothing is saved.", "save calibration profile as", optional=True)
+
 
 def check_widget(name: str, value: Any) -> Optional[str]:
     """An error message naming the value and the allowed range, or None when the value is allowed."""
@@ -114,10 +121,14 @@ def config_from_widgets(family: str, **values: Any) -> AdaClusterConfig:
 
 
 def resolve_profile_path(value: str, models_dir: Optional[str] = None) -> Optional[str]:
-    """The file a calibration_profile widget value names (None for an empty value)."""
+    """The file a calibration_profile or save_profile value names (None for an empty value).
+
+    A bare name is looked up in models/adacluster_profiles; ".safetensors" is added when missing."""
     value = (value or "").strip()
     if not value:
         return None
+    if not value.endswith(".safetensors"):
+        value += ".safetensors"
     if os.path.isabs(value) or os.sep in value or not models_dir:
         return value
     return os.path.join(models_dir, "adacluster_profiles", value)

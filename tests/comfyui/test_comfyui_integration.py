@@ -97,6 +97,26 @@ def test_patched_run_reports_sparse_layers_and_steps(comfy, family):
     assert plot  # the image output is wired to nothing here; the node still ran as an output node
 
 
+def test_report_saves_a_profile_that_a_later_run_loads(comfy):
+    graph = t2v_graph("wan", TINY_SETTINGS, "profile_save")
+    graph["8"]["inputs"]["save_profile"] = "tiny_wan"
+    entry = comfy.run(graph)
+    _assert_ok(comfy, entry)
+    path = comfy.base / "models" / "adacluster_profiles" / "tiny_wan.safetensors"
+    assert path.is_file(), _report(entry)["text"]
+    assert "calibration profile saved" in _report(entry)["text"]
+    saved = load_file(str(path))
+
+    settings = {**TINY_SETTINGS, "calibration_profile": "tiny_wan"}
+    entry = comfy.run(t2v_graph("wan", settings, "profile_load"))
+    _assert_ok(comfy, entry)
+    data = _report(entry)["report"]
+    for row in data["layers"]:
+        index = saved["layers"].tolist().index(row["layer"])
+        assert row["key_clusters_per_head"] == saved["counts"][index].float().tolist()
+        assert row["dense_layer"] == bool(saved["dense"][index])
+
+
 @pytest.mark.parametrize("family", ["wan", "hunyuan_video", "cogvideox"])
 def test_every_cluster_selected_equals_dense(comfy, family):
     if family not in _families(comfy):
