@@ -84,7 +84,7 @@ class SparseAttention:
         total = Timer(q.device)
         reason = self.decide(q.shape, k.shape, call)
         video = self._video_slice(q.shape[-2], call)
-        mask = _additive(call.mask)
+        mask = kernels.reference.additive_mask(call.mask)
         if reason is None and mask is not None and _masks_video_keys(mask, video):
             reason = "mask on video tokens"
         if reason == Phase.CALIBRATE.value:
@@ -213,12 +213,6 @@ def _batch_slice(layout: Layout, b: int) -> Layout:
     return Layout(q_offsets=pick(layout.q_offsets), k_offsets=pick(layout.k_offsets), selected=pick(layout.selected),
                   q_perm=pick(layout.q_perm), k_perm=pick(layout.k_perm), local_block=layout.local_block,
                   tail=layout.tail, info=layout.info)
-
-
-def _additive(mask: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
-    if mask is None or mask.dtype != torch.bool:
-        return mask
-    return torch.zeros(mask.shape, dtype=torch.float32, device=mask.device).masked_fill(~mask, float("-inf"))
 
 
 def _mask_block(mask: torch.Tensor, rows: slice, cols: slice) -> torch.Tensor:

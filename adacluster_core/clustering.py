@@ -66,12 +66,6 @@ def cluster_keys_fixed(k: torch.Tensor, init: torch.Tensor, counts: torch.Tensor
     return Clusters(centroids, labels, sizes, counts)
 
 
-def kmeans_step(x: torch.Tensor, init: torch.Tensor, spherical: bool, num_clusters: Optional[torch.Tensor] = None,
-                minmax: bool = False) -> ClusterStep:
-    """One warm-started k-means round through the kernels' dispatch point (Triton on CUDA, else the reference)."""
-    return kernels.kmeans_step(x, init, spherical, num_clusters, minmax)
-
-
 def warm_step(x: torch.Tensor, init: torch.Tensor, iters: int, spherical: bool,
               counts: Optional[torch.Tensor] = None, minmax: bool = False) -> Clusters:
     """Warm-started k-means for a sparse step: ``iters`` Lloyd rounds (assign, update) from ``init``.
@@ -83,7 +77,7 @@ def warm_step(x: torch.Tensor, init: torch.Tensor, iters: int, spherical: bool,
     if iters > 1:
         start = kernels.normalize_rows(x) if spherical else x
         init = kernels.kmeans(start, init, iters - 1, spherical, counts)[0]
-    step = kmeans_step(x, init, spherical, counts, minmax)
+    step = kernels.kmeans_step(x, init, spherical, counts, minmax)
     centroids = step.centroids if iters > 0 else init.float()
     if counts is None:
         counts = torch.full(x.shape[:2], init.shape[-2], dtype=torch.int64, device=x.device)

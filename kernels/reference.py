@@ -123,8 +123,7 @@ def kmeans_step(x: torch.Tensor, init: torch.Tensor, spherical: bool, num_cluste
     labels, _ = kmeans_assign(unit, init, spherical, num_clusters)
     centroids, sizes = kmeans_update(unit, labels, init, spherical)
     perm, offsets = segments_from_labels(labels, n_clusters)
-    zeros = torch.zeros(*init.shape, device=x.device)
-    mean = kmeans_update(xf, labels, zeros, spherical=False)[0]
+    mean = segment_means(xf, labels, n_clusters)[0]
     norms = torch.zeros(*init.shape[:-1], device=x.device).scatter_add_(-1, labels, xf.norm(dim=-1))
     mean_norm = norms / sizes.clamp_min(1).float()
     high = low = None
@@ -230,6 +229,13 @@ def merge_partials(parts):
     return out, total
 
 
+def additive_mask(mask: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    """An attention mask as an additive bias: bool masks (True = attend, as in SDPA) become 0 / -inf."""
+    if mask is None or mask.dtype != torch.bool:
+        return mask
+    return torch.zeros(mask.shape, device=mask.device).masked_fill(~mask, float("-inf"))
+
+
 def gather_tokens(x: torch.Tensor, perm: Optional[torch.Tensor]) -> torch.Tensor:
     """x[..., perm, :] for x (B, H, N, d) and perm (B, H, N); identity when perm is None."""
     if perm is None:
@@ -331,9 +337,7 @@ def execute_layout(q, k, v, layout, text_k=None, text_v=None, text_bias=None, sc
         if layout.tail:
             parts.append(tail_partial(q, k, v, layout, q_labels, k_labels, scale))
     if text_k is not None:
-        if text_bias is not None and text_bias.dtype == torch.bool:  # bool masks: True = attend (as in SDPA)
-            text_bias = torch.zeros(text_bias.shape, device=q.device).masked_fill(~text_bias, float("-inf"))
-        parts.append(partial_attention(q, text_k, text_v, bias=text_bias, scale=scale))
+        parts.append(partial_attention(q, text_k, text_v, bias=additive_mask(text_bias), scale=scale))
     out, lse = merge_partials(parts)
     return (out.to(q.dtype), lse) if return_lse else out.to(q.dtype)
 

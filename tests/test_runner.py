@@ -75,13 +75,13 @@ def test_warm_started_steps_use_cached_centroids_per_branch(monkeypatch):
     cached = {name: (s.q_centroids.clone(), s.k_centroids.clone()) for name, s in (("uncond", uncond), ("cond", cond))}
 
     seen = []
-    real_step = clustering.kmeans_step
+    real_step = kernels.kmeans_step
 
     def spy(x, init, spherical, num_clusters=None, minmax=False):
         seen.append((init.clone(), spherical))
         return real_step(x, init, spherical, num_clusters, minmax)
 
-    monkeypatch.setattr(clustering, "kmeans_step", spy)  # one Lloyd round: assign to init, then update
+    monkeypatch.setattr(kernels, "kmeans_step", spy)  # one Lloyd round: assign to init, then update
     monkeypatch.setattr(kernels, "kmeans", lambda *a, **k: pytest.fail("one iteration needs no extra k-means rounds"))
     monkeypatch.setattr(clustering, "calibrate_keys", lambda *a, **k: pytest.fail("sparse steps must not recalibrate"))
     runner(q, k, v, CallInfo(0, 1, 4, ("uncond", "cond")), dense=lambda: dense_reference(q, k, v))
