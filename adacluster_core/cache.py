@@ -138,18 +138,16 @@ class RunCache:
     dense_layers: Optional[frozenset] = None  # decided after calibration (or from a profile)
     profile: Optional[object] = None  # a loaded CalibrationProfile, reused across runs
     total_steps: int = 0
-    num_layers: Optional[int] = None
     active: bool = False
     records: list = field(default_factory=list)
     last_calibration: Optional[object] = None  # CalibrationProfile of the last finished run
     _summary: Optional[RunReport] = field(default=None, repr=False)
 
     # ------------------------------------------------------------------ lifecycle
-    def start_run(self, total_steps: int, num_layers: Optional[int] = None) -> None:
+    def start_run(self, total_steps: int) -> None:
         """Begins a sampling run: drops every trace of a previous run (the loaded profile stays)."""
         self.release(keep_profile=True)
         self.total_steps = int(total_steps)
-        self.num_layers = num_layers
         self.active = True
         if self.profile is not None:
             self.dense_layers = self.profile.dense_layer_set()

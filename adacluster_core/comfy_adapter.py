@@ -277,7 +277,7 @@ class AdaClusterPatch:
         sigmas = [float(s) for s in sigmas.reshape(-1).tolist()] if sigmas is not None else None
         if not sigmas or len(sigmas) < 2:
             return executor(*args, **kwargs)
-        self.cache.start_run(len(sigmas) - 1, self.family.num_layers)
+        self.cache.start_run(len(sigmas) - 1)
         self._run_sigmas = sigmas
         self.last_error = None
         try:

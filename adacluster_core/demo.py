@@ -296,7 +296,7 @@ def run_methods(workload: VideoAttentionWorkload, methods: list[Method], warmup_
     for m in methods:
         if m.kind == "runner":
             cache = RunCache()
-            cache.start_run(cfg.steps, cfg.layers)
+            cache.start_run(cfg.steps)
             runners[m.name] = SparseAttention(m.config, cache, observer=LayoutRecorder())
         if m.kind == "sol" and (sol is None or cfg.head_dim != 128 or cfg.text_len):
             results[m.name].available = False

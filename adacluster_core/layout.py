@@ -16,7 +16,7 @@ are never selected. Offsets are int64 so that they index directly.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
@@ -31,7 +31,6 @@ class Layout:
     k_perm: Optional[torch.Tensor] = None  # (B, H, N); None means original order (fixed blocks)
     local_block: int = 0  # >0: each query also attends its own block of this size in original order
     tail: bool = False  # pooled tail: skipped key segments enter as (mean key, mean value, log size)
-    info: dict = field(default_factory=dict)  # free-form notes from the method (for statistics only)
 
     @property
     def num_query_segments(self) -> int:
