@@ -41,7 +41,10 @@ def cluster_logits(q: torch.Tensor, k: torch.Tensor, qc: Clusters, kc: Clusters,
             high, low = kernels.cluster_minmax(k, kc.labels, n_k)
         unit = kernels.normalize_rows(qc.centroids)
         bound = kernels.quest_scores(unit, high, low)  # (B, H, Cq, Ck), -inf for empty key clusters
-        q_norm = qc.step.mean_norm if qc.step is not None else _mean_norm(q, qc.labels, n_q, qc.sizes)
+        if qc.step is not None:
+            q_norm = qc.step.mean_norm
+        else:  # mean query length per cluster
+            q_norm = kernels.segment_means(q.float().norm(dim=-1, keepdim=True), qc.labels, n_q)[0].squeeze(-1)
         quest_logit = bound * q_norm.unsqueeze(-1) * scale
     if score in ("centroid", "blend"):
         q_mean = qc.step.mean if qc.step is not None else kernels.segment_means(q, qc.labels, n_q)[0]
@@ -54,13 +57,6 @@ def cluster_logits(q: torch.Tensor, k: torch.Tensor, qc: Clusters, kc: Clusters,
         return logit, logit
     blended = blend_weight * quest_logit + (1.0 - blend_weight) * centroid_logit + log_size
     return blended, blended
-
-
-def _mean_norm(q, labels, n_clusters, sizes):
-    norms = q.float().norm(dim=-1, keepdim=True)
-    total = torch.zeros(*q.shape[:-2], n_clusters, 1, device=q.device)
-    total.scatter_add_(-2, labels.unsqueeze(-1), norms)
-    return (total.squeeze(-1) / sizes.clamp_min(1)).float()
 
 
 def choose_clusters(rank: torch.Tensor, log_mass: torch.Tensor, k_sizes: torch.Tensor, tokens: int,

@@ -124,8 +124,7 @@ def kmeans_step(x: torch.Tensor, init: torch.Tensor, spherical: bool, num_cluste
     centroids, sizes = kmeans_update(unit, labels, init, spherical)
     perm, offsets = segments_from_labels(labels, n_clusters)
     mean = segment_means(xf, labels, n_clusters)[0]
-    norms = torch.zeros(*init.shape[:-1], device=x.device).scatter_add_(-1, labels, xf.norm(dim=-1))
-    mean_norm = norms / sizes.clamp_min(1).float()
+    mean_norm = segment_means(xf.norm(dim=-1, keepdim=True), labels, n_clusters)[0].squeeze(-1)
     high = low = None
     if minmax:
         high, low = cluster_minmax(xf, labels, n_clusters)
