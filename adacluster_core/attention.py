@@ -102,7 +102,6 @@ class SparseAttention:
 
     def _sparse(self, q, k, v, call, video, mask, total):
         batch, heads, n, d = q.shape
-        out = torch.empty_like(q)
         text = self._text_slice(n, call)
         qv, kv, vv = q[:, :, video], k[:, :, video], v[:, :, video]
         clustering_timer = Timer(q.device)
@@ -113,16 +112,17 @@ class SparseAttention:
         if self.observer is not None:
             for b in range(batch):
                 self.observer(call, b, _batch_slice(layout, b))
-        text_k = text_v = text_bias = None
         if call.text_len:
             text_k, text_v = k[:, :, text], v[:, :, text]
-            if mask is not None:
-                text_bias = _mask_block(mask, video, text)
-        out[:, :, video] = kernels.execute_layout(qv, kv, vv, layout, text_k=text_k, text_v=text_v,
-                                                  text_bias=text_bias)
-        if call.text_len:  # text queries attend every key densely
+            text_bias = None if mask is None else _mask_block(mask, video, text)
+            out = torch.empty_like(q)
+            out[:, :, video] = kernels.execute_layout(qv, kv, vv, layout, text_k=text_k, text_v=text_v,
+                                                      text_bias=text_bias)
+            # text queries attend every key densely
             text_mask = None if mask is None else _mask_block(mask, text, slice(None))
             out[:, :, text] = kernels.dense_attention(q[:, :, text], k, v, mask=text_mask)
+        else:  # no copy: the executor's output is the call's output
+            out = kernels.execute_layout(qv, kv, vv, layout)
         self.cache.record(CallRecord(call.layer, call.step, True, None, total.stop(), clustering_timer,
                                      kept=kept, key_counts=kc.counts))
         return out

@@ -11,7 +11,6 @@ one calibration call, then timed calls at a sparse step (warm-started clustering
 kernel, statistics). Recipes: "paper" with Top-1 plus a minimum kept fraction of ``--kept`` (so about
 ``--kept`` of the keys), "hybrid" tuned to about ``--kept`` (top_p), and the default "hybrid" as shipped
 (its kept fraction depends on the inputs; on random inputs attention mass is flat, so it keeps much more).
-The "own composition" row chains the kernels directly on the synthetic clustering (no runner).
 Times are medians of CUDA-event-timed runs after warm-up; inputs are random (never zeros).
 """
 from __future__ import annotations
@@ -141,35 +140,6 @@ def flex_block_mask(layout, tokens, block=128):
                                     seq_lengths=(tokens, tokens))
 
 
-class SteadyStateCall:
-    """One steady-state AdaCluster call chained from the kernels directly (no runner): warm-started spherical
-    k-means step of the queries, Euclidean k-means step of the keys (fixed per-head counts) with cluster
-    max/min in the same pass, TensorQuest scores, selection up to the kept fraction, layout execution."""
-
-    def __init__(self, q, k, n_keys, kept, generator):
-        from . import triton_ops
-        self.ops, self.kept = triton_ops, kept
-        heads = q.shape[1]
-        unit = triton_ops.normalize_rows(q).to(q.dtype)
-        pick = lambda x, c: x.float()[:, :, torch.randperm(x.shape[2], generator=generator, device=x.device)[:c]]
-        self.q_centroids = triton_ops.kmeans(unit, pick(unit, QUERY_CLUSTERS), 3, True)[0]
-        self.counts = torch.full((1, heads), n_keys, device=q.device, dtype=torch.int64)
-        self.counts[0, heads // 2:] = int(n_keys * 0.8)  # per-head counts differ (padding slots)
-        self.k_centroids = triton_ops.kmeans(k, pick(k, n_keys), 3, False, self.counts)[0]
-
-    def plan(self, q, k):
-        from ..adacluster_core.layout import Layout
-        ops = self.ops
-        qs = ops.kmeans_step(q, self.q_centroids, True)  # warm start: one assignment + update pass each
-        ks = ops.kmeans_step(k, self.k_centroids, False, self.counts, minmax=True)
-        scores = ops.quest_scores(qs.centroids, ks.high, ks.low)
-        selected = select_until_kept(scores, ks.sizes, self.kept)
-        return Layout(q_offsets=qs.offsets, k_offsets=ks.offsets, selected=selected, q_perm=qs.perm, k_perm=ks.perm)
-
-    def __call__(self, q, k, v):
-        return self.ops.execute_layout(q, k, v, self.plan(q, k))
-
-
 def runner_recipes(kept: float) -> dict:
     """Selection settings of the whole-call rows: name -> preset overrides."""
     return {
@@ -201,11 +171,11 @@ def bench_runner(q, k, v, overrides: dict, dense_ms: float) -> dict:
         return {"error": f"call stays dense: {runner.decide(q.shape, k.shape, sparse_call)}"}
     call = lambda: runner(q, k, v, sparse_call, dense=dense)
     row["call_ms"] = time_ms(call)
-    layout, qc, kc = runner._layout(q, k, sparse_call)
+    layout, qc, kc = _plan(runner, q, k, sparse_call)
     kept = selection.kept_fraction(layout, qc.labels, kc.labels)
     row["kept_fraction"] = float(kept.mean())
     row["key_clusters"] = float(kc.counts.float().mean())
-    row["plan_ms"] = time_ms(lambda: selection.kept_fraction(*_plan(runner, q, k, sparse_call)))
+    row["plan_ms"] = time_ms(lambda: _kept(*_plan(runner, q, k, sparse_call)))
     row["kept_statistics_ms"] = time_ms(lambda: selection.kept_fraction(layout, qc.labels, kc.labels))
     row["kernel_ms"] = time_ms(lambda: execute_layout(q, k, v, layout))
     row["plan_share"] = row["plan_ms"] / row["call_ms"]
@@ -225,11 +195,18 @@ def bench_runner(q, k, v, overrides: dict, dense_ms: float) -> dict:
 
 
 def _plan(runner, q, k, call):
-    layout, qc, kc = runner._layout(q, k, call)
-    return layout, qc.labels, kc.labels
+    """The clustering and selection part of a runner call: (layout, query clusters, key clusters)."""
+    from ..adacluster_core import selection
+    qc, kc = runner.cluster(q, k, call)
+    return selection.build_layout(q, k, qc, kc, runner.config.selection), qc, kc
 
 
-def bench_shape(name, kept, generator, with_flex=True, with_call=True, with_runner=True):
+def _kept(layout, qc, kc):
+    from ..adacluster_core import selection
+    return selection.kept_fraction(layout, qc.labels, kc.labels)
+
+
+def bench_shape(name, kept, generator, with_flex=True, with_runner=True):
     from . import triton_ops
     heads, tokens, d = SHAPES[name]
     device = "cuda"
@@ -263,26 +240,6 @@ def bench_shape(name, kept, generator, with_flex=True, with_call=True, with_runn
         except Exception as error:  # noqa: BLE001 - report, keep benchmarking
             row["flex_error"] = f"{type(error).__name__}: {str(error).splitlines()[0][:160]}"
 
-    if with_call:
-        n_keys = min(1000, max(300, tokens // 100))
-        call = SteadyStateCall(q, k, n_keys, kept, generator)
-        row["call_ms"] = time_ms(lambda: call(q, k, v))
-        row["call_plan_ms"] = time_ms(lambda: call.plan(q, k))
-        plan = call.plan(q, k)
-        row["call_kept_fraction"] = float(plan.kept_fraction().mean())
-        row["call_kernel_ms"] = time_ms(lambda: triton_ops.execute_layout(q, k, v, plan))
-        row["call_plan_share"] = row["call_plan_ms"] / row["call_ms"]
-        row["call_speedup"] = dense_ms / row["call_ms"]
-        try:  # the whole call must be capturable (no host synchronisation)
-            call(q, k, v)
-            torch.cuda.synchronize()
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                call(q, k, v)
-            row["call_graph_ms"] = time_ms(graph.replay)
-            row["call_graph_speedup"] = dense_ms / row["call_graph_ms"]
-        except Exception as error:  # noqa: BLE001
-            row["call_graph_error"] = f"{type(error).__name__}: {str(error).splitlines()[0][:160]}"
     if with_runner:
         row["runner"] = {}
         for recipe, overrides in runner_recipes(kept).items():
@@ -292,7 +249,6 @@ def bench_shape(name, kept, generator, with_flex=True, with_call=True, with_runn
                 row["runner"][recipe] = {"error": f"{type(error).__name__}: {str(error).splitlines()[0][:160]}"}
             print(recipe, json.dumps(row["runner"][recipe]), flush=True)
             torch.cuda.empty_cache()
-    del q, k, v
     torch.cuda.empty_cache()
     return row
 
@@ -303,16 +259,13 @@ def _fmt(value, digits=2):
 
 def print_table(rows, device_name):
     print(f"\nDevice: {device_name}; bf16, batch 1; times in ms (median)")
-    header = ["shape", "dense (backend)", "kept", "layout", "vs floor", "speedup", "flex", "flex/layout",
-              "own-composition call", "plan share", "call kept", "call speedup", "graph call"]
+    header = ["shape", "dense (backend)", "kept", "layout", "vs floor", "speedup", "flex", "flex/layout"]
     print(" | ".join(header))
     for r in rows:
         print(" | ".join([
             r["shape"], f"{_fmt(r['dense_ms'])} ({r['dense_backend']})", f"{r['kept_fraction']:.3f}",
             _fmt(r["layout_ms"]), _fmt(r["layout_vs_floor"]), f"{_fmt(r['layout_speedup'])}x",
             _fmt(r.get("flex_ms", r.get("flex_error"))), _fmt(r.get("layout_vs_flex")),
-            _fmt(r.get("call_ms")), _fmt(r.get("call_plan_share")), _fmt(r.get("call_kept_fraction"), 3),
-            f"{_fmt(r.get('call_speedup'))}x", _fmt(r.get("call_graph_ms", r.get("call_graph_error"))),
         ]))
     print("\nWhole call through SparseAttention (Wan preset, steady-state sparse step):")
     print(" | ".join(["shape", "recipe", "kept", "key clusters", "call", "speedup vs dense", "clustering+selection",
@@ -334,7 +287,6 @@ def main(argv=None):
     parser.add_argument("--kept", type=float, default=0.10, help="fraction of key tokens kept (0, 1]")
     parser.add_argument("--out", default="kernel_benchmark.json")
     parser.add_argument("--no-flex", action="store_true")
-    parser.add_argument("--no-call", action="store_true")
     parser.add_argument("--no-runner", action="store_true")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
@@ -347,7 +299,7 @@ def main(argv=None):
     rows = []
     for name in args.shapes:
         started = time.time()
-        rows.append(bench_shape(name, args.kept, generator, not args.no_flex, not args.no_call, not args.no_runner))
+        rows.append(bench_shape(name, args.kept, generator, not args.no_flex, not args.no_runner))
         rows[-1]["bench_seconds"] = time.time() - started
         print(json.dumps(rows[-1]), flush=True)
         _write(args, device_name, rows)  # after every shape, so a cut-short run keeps what it measured

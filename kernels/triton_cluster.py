@@ -54,7 +54,7 @@ def _assign_kernel(x_ptr, c_ptr, csq_ptr, count_ptr, labels_ptr, fit_ptr, sizes_
         if x.dtype == tl.float32:  # fp32 inputs (normalised queries) keep ~fp32 accuracy
             score = tl.dot(x, tl.trans(cen), input_precision="tf32x3")
         else:
-            score = tl.dot(x, tl.trans(cen.to(x.dtype)))
+            score = tl.dot(x, tl.trans(cen))
         if not SPHERICAL:  # argmin |x - c|^2 == argmax 2 x.c - |c|^2
             csq = tl.load(csq_ptr + g * C + slots, mask=slot_ok, other=0.0)
             score = 2.0 * score - csq[None, :]
@@ -78,6 +78,15 @@ def _assign_kernel(x_ptr, c_ptr, csq_ptr, count_ptr, labels_ptr, fit_ptr, sizes_
 
 
 @triton.jit
+def _segment_rows(perm_row_ptr, r0, end, BLOCK_R: tl.constexpr, HAS_PERM: tl.constexpr):
+    """Row ids of the BLOCK_R sorted positions from r0 (masked rows read row 0)."""
+    pos = r0 + tl.arange(0, BLOCK_R)
+    if HAS_PERM:
+        return tl.load(perm_row_ptr + pos, mask=pos < end, other=0)
+    return tl.where(pos < end, pos, 0)
+
+
+@triton.jit
 def _segment_reduce_kernel(x_ptr, perm_ptr, off_ptr, prev_ptr, mean_ptr, high_ptr, low_ptr,
                            H, N, S, stride_xb, stride_xh, stride_xn, eps,
                            D: tl.constexpr, HAS_PERM: tl.constexpr, MEAN: tl.constexpr,
@@ -93,23 +102,26 @@ def _segment_reduce_kernel(x_ptr, perm_ptr, off_ptr, prev_ptr, mean_ptr, high_pt
     start = tl.load(off_ptr + g * (S + 1) + s).to(tl.int32)
     end = tl.load(off_ptr + g * (S + 1) + s + 1).to(tl.int32)
     dims = tl.arange(0, D)
-    total = tl.zeros([D], tl.float32)
-    high = tl.full([D], float("-inf"), tl.float32)
-    low = tl.full([D], float("inf"), tl.float32)
     base = x_ptr + b * stride_xb + h * stride_xh
+    # Element-wise accumulators, reduced over rows once after the loop (a reduction per iteration would
+    # cost a cross-warp exchange every BLOCK_R rows); permuted row ids are read one iteration ahead.
+    total_rows = tl.zeros([BLOCK_R, D], tl.float32)
+    high_rows = tl.full([BLOCK_R, D], float("-inf"), tl.float32)
+    low_rows = tl.full([BLOCK_R, D], float("inf"), tl.float32)
+    row_next = _segment_rows(perm_ptr + g * N, start, end, BLOCK_R, HAS_PERM)
     for r0 in range(start, end, BLOCK_R):
-        pos = r0 + tl.arange(0, BLOCK_R)
-        ok = pos < end
-        if HAS_PERM:
-            row = tl.load(perm_ptr + g * N + pos, mask=ok, other=0)
-        else:
-            row = pos
+        ok = r0 + tl.arange(0, BLOCK_R) < end
+        row = row_next
+        row_next = _segment_rows(perm_ptr + g * N, r0 + BLOCK_R, end, BLOCK_R, HAS_PERM)
         x = tl.load(base + row[:, None] * stride_xn + dims[None, :], mask=ok[:, None], other=0.0).to(tl.float32)
         if MEAN:
-            total += tl.sum(x, 0)
+            total_rows += x
         if MINMAX:
-            high = tl.maximum(high, tl.max(tl.where(ok[:, None], x, float("-inf")), 0))
-            low = tl.minimum(low, tl.min(tl.where(ok[:, None], x, float("inf")), 0))
+            high_rows = tl.maximum(high_rows, tl.where(ok[:, None], x, float("-inf")))
+            low_rows = tl.minimum(low_rows, tl.where(ok[:, None], x, float("inf")))
+    total = tl.sum(total_rows, 0)
+    high = tl.max(high_rows, 0)
+    low = tl.min(low_rows, 0)
     out = (g * S + s) * D + dims
     if MEAN:
         size = end - start
@@ -137,25 +149,31 @@ def _step_stats_kernel(x_ptr, perm_ptr, off_ptr, init_ptr, cent_ptr, mean_ptr, n
     start = tl.load(off_ptr + g * (S + 1) + s).to(tl.int32)
     end = tl.load(off_ptr + g * (S + 1) + s + 1).to(tl.int32)
     dims = tl.arange(0, D)
-    raw = tl.zeros([D], tl.float32)
-    unit = tl.zeros([D], tl.float32)
+    # element-wise accumulators, reduced once after the loop; row ids read one iteration ahead
+    raw = tl.zeros([BLOCK_R, D], tl.float32)
+    unit = tl.zeros([BLOCK_R, D], tl.float32)
     norm_sum = tl.zeros([BLOCK_R], tl.float32)
-    high = tl.full([D], float("-inf"), tl.float32)
-    low = tl.full([D], float("inf"), tl.float32)
+    high = tl.full([BLOCK_R, D], float("-inf"), tl.float32)
+    low = tl.full([BLOCK_R, D], float("inf"), tl.float32)
     base = x_ptr + g * stride_xg
+    row_next = _segment_rows(perm_ptr + g * N, start, end, BLOCK_R, True)
     for r0 in range(start, end, BLOCK_R):
-        pos = r0 + tl.arange(0, BLOCK_R)
-        ok = pos < end
-        row = tl.load(perm_ptr + g * N + pos, mask=ok, other=0)
+        ok = r0 + tl.arange(0, BLOCK_R) < end
+        row = row_next
+        row_next = _segment_rows(perm_ptr + g * N, r0 + BLOCK_R, end, BLOCK_R, True)
         x = tl.load(base + row[:, None] * stride_xn + dims[None, :], mask=ok[:, None], other=0.0).to(tl.float32)
         norm = tl.sqrt(tl.sum(x * x, 1))
-        raw += tl.sum(x, 0)
+        raw += x
         norm_sum += norm
         if SPHERICAL:
-            unit += tl.sum(x / tl.maximum(norm, eps)[:, None], 0)
+            unit += x / tl.maximum(norm, eps)[:, None]
         if MINMAX:
-            high = tl.maximum(high, tl.max(tl.where(ok[:, None], x, float("-inf")), 0))
-            low = tl.minimum(low, tl.min(tl.where(ok[:, None], x, float("inf")), 0))
+            high = tl.maximum(high, tl.where(ok[:, None], x, float("-inf")))
+            low = tl.minimum(low, tl.where(ok[:, None], x, float("inf")))
+    raw = tl.sum(raw, 0)
+    unit = tl.sum(unit, 0)
+    high = tl.max(high, 0)
+    low = tl.min(low, 0)
     size = end - start
     inv = 1.0 / tl.maximum(size, 1).to(tl.float32)
     out = (g * S + s) * D + dims
@@ -232,14 +250,18 @@ def assign(x: torch.Tensor, centroids: torch.Tensor, spherical: bool, num_cluste
     c = centroids.reshape(groups, -1, d).float().contiguous()
     n_clusters = c.shape[1]
     csq = (c * c).sum(-1).contiguous()
+    # 16-bit rows meet centroids rounded to their dtype on the tensor cores; converting once here halves
+    # what every program reads
+    c_dot = c if x3.dtype == torch.float32 else c.to(x3.dtype)
     labels = torch.empty(groups, n, device=x.device, dtype=torch.int32)
     fit = torch.empty(groups, n, device=x.device, dtype=torch.float32)
     sizes = torch.zeros(groups, n_clusters, device=x.device, dtype=torch.int32)
     counts = None if num_clusters is None else num_clusters.reshape(groups).to(torch.int32).contiguous()
     block_n = 128 if d <= 128 else 64
-    block_c = 64 if d <= 128 else 32
+    # one centroid tile covers up to 128 clusters (65 query clusters fit one tile, not two of 64)
+    block_c = min(128 if d <= 128 else 32, max(16, triton.next_power_of_2(n_clusters)))
     grid = (triton.cdiv(n, block_n), groups)
-    _assign_kernel[grid](x3, c, csq, counts if counts is not None else sizes, labels, fit, sizes,
+    _assign_kernel[grid](x3, c_dot, csq, counts if counts is not None else sizes, labels, fit, sizes,
                          n, n_clusters, x3.stride(0), x3.stride(1), 1e-6,
                          D=d, SPHERICAL=spherical, HAS_COUNT=counts is not None, ROW_NORM=row_norm and spherical,
                          BLOCK_N=block_n, BLOCK_C=block_c, num_warps=8 if d >= 128 else 4, num_stages=2)
