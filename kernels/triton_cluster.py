@@ -82,8 +82,8 @@ def _segment_rows(perm_row_ptr, r0, end, BLOCK_R: tl.constexpr, HAS_PERM: tl.con
     """Row ids of the BLOCK_R sorted positions from r0 (masked rows read row 0)."""
     pos = r0 + tl.arange(0, BLOCK_R)
     if HAS_PERM:
-        return tl.load(perm_row_ptr + pos, mask=pos < end, other=0)
-    return tl.where(pos < end, pos, 0)
+        return tl.load(perm_row_ptr + pos, mask=pos < end, other=0).to(tl.int64)
+    return tl.where(pos < end, pos, 0).to(tl.int64)
 
 
 @triton.jit
@@ -258,8 +258,10 @@ def assign(x: torch.Tensor, centroids: torch.Tensor, spherical: bool, num_cluste
     sizes = torch.zeros(groups, n_clusters, device=x.device, dtype=torch.int32)
     counts = None if num_clusters is None else num_clusters.reshape(groups).to(torch.int32).contiguous()
     block_n = 128 if d <= 128 else 64
-    # one centroid tile covers up to 128 clusters (65 query clusters fit one tile, not two of 64)
-    block_c = min(128 if d <= 128 else 32, max(16, triton.next_power_of_2(n_clusters)))
+    # 16-bit rows: one centroid tile covers up to 128 clusters (65 query clusters fit one tile, not two
+    # of 64); fp32 rows (tf32x3 split) need 224 KiB of shared memory at 64 already
+    widest = 128 if d <= 128 and x3.dtype != torch.float32 else (64 if d <= 128 else 32)
+    block_c = min(widest, max(16, triton.next_power_of_2(n_clusters)))
     grid = (triton.cdiv(n, block_n), groups)
     _assign_kernel[grid](x3, c_dot, csq, counts if counts is not None else sizes, labels, fit, sizes,
                          n, n_clusters, x3.stride(0), x3.stride(1), 1e-6,
