@@ -52,7 +52,10 @@ def _online_update(q, k, v, bias, m_i, l_i, acc, qk_scale, MASKED: tl.constexpr 
         p = tl.math.exp2(qk * qk_scale - m_safe[:, None])
     alpha = tl.math.exp2(m_i - m_safe)
     l_i = l_i * alpha + tl.sum(p, 1)
-    acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None])
+    if MASKED:  # measured on an H100: the separate add is faster in the gathered stream loop,
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+    else:  # accumulating inside the dot is faster in the TMA loop
+        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None])
     return m_new, l_i, acc
 
 
@@ -132,8 +135,9 @@ def _layout_kernel(Q, K, V, Out, Lse,
     wins = tl.arange(0, WIN)
     k_base = K + b * skb + h * skh
     v_base = V + b * svb + h * svh
-    # Chunk tables are read one iteration ahead (carried in row_next / kpos_next): a load whose address
-    # waits on a table read in the same iteration stalls the pipeline (measured: ~12% of the loop's speed).
+    # The TMA chunk table is read one iteration ahead (row_next): a TMA load whose coordinate waits on a
+    # table read in the same iteration stalls the pipeline (measured: ~12% of the loop's speed). The
+    # gathered stream loop was measured slower with its rows read ahead (more live registers), so it is not.
     if KEY_MODE == 1:  # whole BLOCK_N chunks of the merged ranges, contiguous rows of the permuted K/V, by TMA
         full_count = tl.load(n_full + base)
         row_next = (g * N + tl.load(full_start + base * MAXC)).to(tl.int32)
@@ -144,12 +148,9 @@ def _layout_kernel(Q, K, V, Out, Lse,
             v = VD.load([row0, 0])
             m_i, l_i, acc = _online_update(q, k, v, 0.0, m_i, l_i, acc, qk_scale, MASKED=False)
     # the stream: all selected segments (KEY_MODE 0) or the ranges' remainders (KEY_MODE 1), gathered rows
-    kpos_next, ok_next = _stream_keys(0, chunk_count, base, g, N, MAXB, Sk, bounds, bound_seg, cum, delta, k_perm,
-                                      lanes, wins, KEY_MODE, HAS_KPERM)
     for c in range(0, chunk_count):
-        kpos, ok = kpos_next, ok_next
-        kpos_next, ok_next = _stream_keys(c + 1, chunk_count, base, g, N, MAXB, Sk, bounds, bound_seg, cum, delta,
-                                          k_perm, lanes, wins, KEY_MODE, HAS_KPERM)
+        kpos, ok = _stream_keys(c, chunk_count, base, g, N, MAXB, Sk, bounds, bound_seg, cum, delta, k_perm, lanes,
+                                wins, KEY_MODE, HAS_KPERM)
         k = tl.load(k_base + kpos[:, None] * skn + dims[None, :], mask=ok[:, None], other=0.0)
         v = tl.load(v_base + kpos[:, None] * svn + dims[None, :], mask=ok[:, None], other=0.0)
         bias = tl.where(ok, 0.0, float("-inf"))[None, :]
