@@ -182,16 +182,21 @@ def bench_runner(q, k, v, overrides: dict, dense_ms: float) -> dict:
     row["speedup"] = dense_ms / row["call_ms"]
     row["kernel_vs_floor"] = row["kernel_ms"] / (row["kept_fraction"] * dense_ms)
     try:  # no host synchronisation: the whole runner call must be capturable in a CUDA graph
-        call()
-        torch.cuda.synchronize()
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            call()
-        row["graph_ms"] = time_ms(graph.replay)
+        row["graph_ms"] = time_ms(_graph(call).replay)
     except Exception as error:  # noqa: BLE001 - report, keep benchmarking
         row["graph_error"] = f"{type(error).__name__}: {str(error).splitlines()[0][:160]}"
     cache.release()
     return row
+
+
+def _graph(fn) -> torch.cuda.CUDAGraph:
+    """fn captured in a CUDA graph (after one eager run for compilation and allocation)."""
+    fn()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return graph
 
 
 def _plan(runner, q, k, call):
@@ -222,9 +227,12 @@ def bench_shape(name, kept, generator, with_flex=True, with_runner=True):
     rho = row["kept_fraction"]
     from .triton_attention import _key_path
     row["layout_key_path"] = _key_path(q, layout.k_perm)
-    row["layout_ms"] = time_ms(lambda: triton_ops.execute_layout(q, k, v, layout))
+    run_layout = lambda: triton_ops.execute_layout(q, k, v, layout)
+    row["layout_ms"] = time_ms(run_layout)
     row["layout_vs_floor"] = row["layout_ms"] / (rho * dense_ms)
     row["layout_speedup"] = dense_ms / row["layout_ms"]
+    row["layout_graph_ms"] = time_ms(_graph(run_layout).replay)  # GPU time without per-run launch latency
+    row["layout_graph_vs_floor"] = row["layout_graph_ms"] / (rho * dense_ms)
 
     if with_flex:
         try:
@@ -259,12 +267,14 @@ def _fmt(value, digits=2):
 
 def print_table(rows, device_name):
     print(f"\nDevice: {device_name}; bf16, batch 1; times in ms (median)")
-    header = ["shape", "dense (backend)", "kept", "layout", "vs floor", "speedup", "flex", "flex/layout"]
+    header = ["shape", "dense (backend)", "kept", "layout", "vs floor", "speedup", "layout (graph)", "vs floor",
+              "flex", "flex/layout"]
     print(" | ".join(header))
     for r in rows:
         print(" | ".join([
             r["shape"], f"{_fmt(r['dense_ms'])} ({r['dense_backend']})", f"{r['kept_fraction']:.3f}",
             _fmt(r["layout_ms"]), _fmt(r["layout_vs_floor"]), f"{_fmt(r['layout_speedup'])}x",
+            _fmt(r["layout_graph_ms"]), _fmt(r["layout_graph_vs_floor"]),
             _fmt(r.get("flex_ms", r.get("flex_error"))), _fmt(r.get("layout_vs_flex")),
         ]))
     print("\nWhole call through SparseAttention (Wan preset, steady-state sparse step):")

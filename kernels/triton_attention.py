@@ -304,8 +304,8 @@ def _config(d: int):
         return 32, 16, 4, 1
     if d <= 64:
         return 128, 64, 4, 3
-    if d <= 128:  # measured best of 8 tilings on an H100 (wan14b-720p shape, 10% kept)
-        return 128, 128, 8, 3
+    if d <= 128:  # measured on an H100 (wan14b-720p, 10% kept): 64-row key chunks equal 128 on ~100 key clusters
+        return 128, 64, 8, 3  # per head and are 12% faster on ~750 small ones (more whole chunks go by TMA)
     return 64, 32, 4, 2
 
 
