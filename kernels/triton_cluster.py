@@ -72,7 +72,7 @@ def _assign_kernel(x_ptr, c_ptr, csq_ptr, count_ptr, labels_ptr, fit_ptr, sizes_
     else:
         xf = x.to(tl.float32)
         fit = tl.maximum(tl.sum(xf * xf, 1) - best, 0.0)
-    tl.store(labels_ptr + g * N + rows, best_idx, mask=row_ok)
+    tl.store(labels_ptr + g * N + rows, best_idx.to(labels_ptr.dtype.element_ty), mask=row_ok)
     tl.store(fit_ptr + g * N + rows, fit, mask=row_ok)
     if SIZES:
         tl.atomic_add(sizes_ptr + g * C + best_idx, tl.full([BLOCK_N], 1, tl.int32), mask=row_ok)
@@ -242,10 +242,11 @@ def normalize_rows(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
 
 
 def assign(x: torch.Tensor, centroids: torch.Tensor, spherical: bool, num_clusters: Optional[torch.Tensor],
-           row_norm: bool = False, count_sizes: bool = True):
-    """Fused nearest-centroid search. Returns labels (G, N) int32, fit (G, N) fp32, sizes (G, C) int32 (None
-    unless ``count_sizes``: callers that sort the labels anyway get sizes from the sort, which is cheaper
-    than the per-row atomics). ``row_norm``: spherical search on raw rows (fit = cosine)."""
+           row_norm: bool = False, count_sizes: bool = True, labels_dtype=torch.int32):
+    """Fused nearest-centroid search. Returns labels (G, N) (int32, or a narrower ``labels_dtype`` that
+    holds every cluster index), fit (G, N) fp32, sizes (G, C) int32 (None unless ``count_sizes``: callers
+    that sort the labels anyway get sizes from the sort, which is cheaper than the per-row atomics).
+    ``row_norm``: spherical search on raw rows (fit = cosine)."""
     x3 = _groups(x)
     groups, n, d = x3.shape
     check_head_dim(d)
@@ -255,7 +256,7 @@ def assign(x: torch.Tensor, centroids: torch.Tensor, spherical: bool, num_cluste
     # 16-bit rows meet centroids rounded to their dtype on the tensor cores; converting once here halves
     # what every program reads
     c_dot = c if x3.dtype == torch.float32 else c.to(x3.dtype)
-    labels = torch.empty(groups, n, device=x.device, dtype=torch.int32)
+    labels = torch.empty(groups, n, device=x.device, dtype=labels_dtype)
     fit = torch.empty(groups, n, device=x.device, dtype=torch.float32)
     sizes = torch.zeros(groups, n_clusters, device=x.device, dtype=torch.int32) if count_sizes else None
     counts = None if num_clusters is None else num_clusters.reshape(groups).to(torch.int32).contiguous()
@@ -400,7 +401,9 @@ def kmeans_step(x: torch.Tensor, init: torch.Tensor, spherical: bool, num_cluste
     groups = x3.shape[0]
     c = init.reshape(groups, -1, d).float().contiguous()
     n_clusters = c.shape[1]
-    labels, _, _ = assign(x3, c, spherical, num_clusters, row_norm=True, count_sizes=False)
+    # 16-bit labels halve the radix sort's passes (cluster counts stay far below 32768 in practice)
+    narrow = torch.int16 if n_clusters <= torch.iinfo(torch.int16).max else torch.int32
+    labels, _, _ = assign(x3, c, spherical, num_clusters, row_norm=True, count_sizes=False, labels_dtype=narrow)
     sorted_labels, perm = torch.sort(labels, dim=-1, stable=True)
     bounds = torch.arange(n_clusters + 1, device=x.device, dtype=labels.dtype).expand(groups, -1).contiguous()
     offsets = torch.searchsorted(sorted_labels, bounds)  # first sorted position of each label; N at the end
