@@ -402,7 +402,7 @@ def kmeans_step(x: torch.Tensor, init: torch.Tensor, spherical: bool, num_cluste
     c = init.reshape(groups, -1, d).float().contiguous()
     n_clusters = c.shape[1]
     # 16-bit labels halve the radix sort's passes (cluster counts stay far below 32768 in practice)
-    narrow = torch.int16 if n_clusters <= torch.iinfo(torch.int16).max else torch.int32
+    narrow = torch.int16 if n_clusters < torch.iinfo(torch.int16).max else torch.int32  # labels and bound C
     labels, _, _ = assign(x3, c, spherical, num_clusters, row_norm=True, count_sizes=False, labels_dtype=narrow)
     sorted_labels, perm = torch.sort(labels, dim=-1, stable=True)
     bounds = torch.arange(n_clusters + 1, device=x.device, dtype=labels.dtype).expand(groups, -1).contiguous()
