@@ -226,13 +226,17 @@ def key_path():
 @pytest.mark.parametrize("path", ["stream", "hybrid"])
 @pytest.mark.parametrize("dtype", HALF_DTYPES)
 @pytest.mark.parametrize("head_dim", [64, 128])
-@pytest.mark.parametrize("case", ["clusters", "hybrid", "adjacent-runs"])
+@pytest.mark.parametrize("case", ["clusters", "hybrid", "adjacent-runs", "long-clusters"])
 def test_every_key_path_matches_reference(key_path, path, case, dtype, head_dim):
     """Both key paths; "adjacent-runs" selects runs of neighbouring key segments (merged ranges longer
-    than a chunk, whole chunks plus remainders) and leaves one query segment with no keys."""
+    than a chunk, whole chunks plus remainders) and leaves one query segment with no keys;
+    "long-clusters" has key segments long enough for the tallest key chunks."""
+    from comfyui_adacluster.kernels import triton_attention
     key_path(path)
     gen = torch.Generator().manual_seed(sum(map(ord, case + path)) + head_dim)
-    batch, heads, tokens, sk = 1, 3, 2011, 29
+    batch, heads, tokens, sk = (1, 3, 4099, 7) if case == "long-clusters" else (1, 3, 2011, 29)
+    if case == "long-clusters" and head_dim == 128:  # both key chunk heights are covered: 64 rows, and 128 here
+        assert triton_attention._config(head_dim, tokens / sk)[1] == 128
     options = LAYOUT_CASES.get(case, dict(empty_every=7))
     layout = random_layout(batch, heads, tokens, sq=11, sk=sk, density=0.2, generator=gen, **options)
     if case == "adjacent-runs":
