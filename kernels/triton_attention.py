@@ -62,6 +62,15 @@ def _online_update(q, k, v, bias, m_i, l_i, acc, qk_scale, MASKED: tl.constexpr 
 
 
 @triton.jit
+def _finish(m_i, l_i, acc):
+    """Normalised output and natural-log LSE of an online softmax (rows without any key: 0 and -inf)."""
+    has_mass = l_i > 0.0
+    l_safe = tl.where(has_mass, l_i, 1.0)
+    lse = tl.where(has_mass, (m_i + tl.math.log2(l_safe)) / 1.4426950408889634, float("-inf"))
+    return acc / l_safe[:, None], lse
+
+
+@triton.jit
 def _stream_rows(c, chunk_count, base, MAXB, Sk, bounds, bound_seg, cum, delta, lanes, wins,
                  WINDOWED: tl.constexpr):
     """Key rows (positions in the key tensor) of stream chunk c and which lanes are real. WINDOWED: the row
@@ -193,13 +202,10 @@ def _layout_kernel(Q, K, V, Out, Lse,
         l_i = l_i * alpha + beta
         m_i = m_new
 
-    has_mass = l_i > 0.0
-    out = acc / tl.where(has_mass, l_i, 1.0)[:, None]
+    out, lse = _finish(m_i, l_i, acc)
     o_rows = (g * N + qpos[:, None].to(tl.int64)) * D
     tl.store(Out + o_rows + dims[None, :], out.to(Out.dtype.element_ty), mask=row_ok[:, None])
     if STORE_LSE:
-        lse = tl.where(has_mass, (m_i + tl.math.log2(tl.where(has_mass, l_i, 1.0))) / 1.4426950408889634,
-                       float("-inf"))
         tl.store(Lse + g * N + qpos, lse, mask=row_ok)
 
 
@@ -233,10 +239,7 @@ def _local_kernel(Q, K, V, LO, LL, sqb, sqh, sqn, skb, skh, skn, svb, svh, svn,
         already = tl.load(selected + (g * Sq + q_lab[:, None]) * Sk + k_lab[None, :], mask=pair_ok, other=1)
         bias = tl.where(pair_ok & (already == 0), 0.0, float("-inf"))
         m_i, l_i, acc = _online_update(q, k, v, bias, m_i, l_i, acc, qk_scale)
-    has_mass = l_i > 0.0
-    out = acc / tl.where(has_mass, l_i, 1.0)[:, None]
-    lse = tl.where(has_mass, (m_i + tl.math.log2(tl.where(has_mass, l_i, 1.0))) / 1.4426950408889634,
-                   float("-inf"))
+    out, lse = _finish(m_i, l_i, acc)
     tl.store(LO + (g * N + rows[:, None].to(tl.int64)) * D + dims[None, :], out, mask=row_ok[:, None])
     tl.store(LL + g * N + rows, lse, mask=row_ok)
 
