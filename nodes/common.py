@@ -104,7 +104,7 @@ def _save_calibration(calibration, path: str) -> str:
 
 
 def _report_image(report, title: str) -> torch.Tensor:
-    from ..adacluster_core.plot import render_report
+    from ..adacluster_core.tools.plot import render_report
 
     return pil_to_image_tensor(render_report(report, title=title))
 

@@ -4,8 +4,8 @@ import math
 import pytest
 import torch
 
-from comfyui_adacluster.adacluster_core import demo
-from comfyui_adacluster.adacluster_core.workload import VideoAttentionWorkload, WorkloadConfig
+from comfyui_adacluster.adacluster_core.tools import demo
+from comfyui_adacluster.adacluster_core.tools.workload import VideoAttentionWorkload, WorkloadConfig
 
 
 def test_quick_demo_end_to_end(tmp_path, capsys):

@@ -2,7 +2,7 @@ import math
 
 import pytest
 
-from comfyui_adacluster.adacluster_core.plot import color_of, render_report, render_reports
+from comfyui_adacluster.adacluster_core.tools.plot import color_of, render_report, render_reports
 
 
 def _report(layers=5, heads=3):

@@ -2,7 +2,7 @@
 import json
 import math
 
-from comfyui_adacluster.adacluster_core import study
+from comfyui_adacluster.adacluster_core.tools import study
 
 
 def test_quick_study_measures_every_family(tmp_path):

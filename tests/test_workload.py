@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from comfyui_adacluster.adacluster_core.workload import (VideoAttentionWorkload, WorkloadConfig, apply_rope,
+from comfyui_adacluster.adacluster_core.tools.workload import (VideoAttentionWorkload, WorkloadConfig, apply_rope,
                                                          rope_angles, rope_split, sigma_schedule)
 
 SMALL = dict(frames=3, height=5, width=7, heads=3, head_dim=64, layers=5, steps=4, objects=3, feature_dim=32)

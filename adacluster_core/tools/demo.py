@@ -1,6 +1,6 @@
 """The main command: sparse attention vs dense on a synthetic video-like workload, on any machine.
 
-    python -m comfyui_adacluster.adacluster_core.demo            (or: adacluster-demo)
+    python -m comfyui_adacluster.adacluster_core.tools.demo            (or: adacluster-demo)
 
 Builds the workload of workload.py (no model weights, no GPU needed), runs a multi-step sampling
 schedule layer by layer through the sparse attention runner for: dense attention, AdaCluster with the
@@ -31,10 +31,10 @@ from typing import Callable, Optional
 
 import torch
 
-from .. import kernels
-from .attention import CallInfo, SparseAttention
-from .cache import RunCache
-from .config import DEFAULT_RECIPE, AdaClusterConfig, from_dict
+from ... import kernels
+from ..attention import CallInfo, SparseAttention
+from ..cache import RunCache
+from ..config import DEFAULT_RECIPE, AdaClusterConfig, from_dict
 from .workload import VideoAttentionWorkload, WorkloadConfig
 
 SOL_BLOCK = 64  # Sol-Attn's fixed block of tokens
@@ -181,7 +181,7 @@ def layout_attended(layout, sample: torch.Tensor, tokens: int) -> torch.Tensor:
 
 
 def layout_kept_fraction(layout, tokens: int) -> float:
-    from .selection import kept_fraction
+    from ..selection import kept_fraction
 
     q_labels = kernels.segment_labels(layout.q_perm, layout.q_offsets, tokens)
     k_labels = kernels.segment_labels(layout.k_perm, layout.k_offsets, tokens)

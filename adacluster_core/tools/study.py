@@ -1,6 +1,6 @@
 """Selection study: error and kept attention mass per kept fraction, for every selection part.
 
-    python -m comfyui_adacluster.adacluster_core.study [--out-dir output] [--quick]
+    python -m comfyui_adacluster.adacluster_core.tools.study [--out-dir output] [--quick]
 
 On the main command's workload, every layer is clustered exactly as the runner does (calibration on the
 last warm-up step, warm-started k-means with fixed counts on every later step), then on the measured
@@ -24,11 +24,11 @@ from pathlib import Path
 
 import torch
 
-from .. import kernels
-from . import selection
-from .attention import CallInfo, SparseAttention
-from .cache import RunCache
-from .config import SELECTION_RECIPES, SelectionConfig, from_dict
+from ... import kernels
+from .. import selection
+from ..attention import CallInfo, SparseAttention
+from ..cache import RunCache
+from ..config import SELECTION_RECIPES, SelectionConfig, from_dict
 from .demo import (DenseReference, _kept_pairs_fraction, _progress, layout_attended, layout_kept_fraction,
                    relative_l2, run_sol, sol_attn_function, sol_routing, SOL_BLOCK)
 from .workload import VideoAttentionWorkload, WorkloadConfig

@@ -1,7 +1,7 @@
 """Kernel benchmark on the GPU it finds: dense SDPA, FlexAttention on the same layout, the layout kernel,
 and whole steady-state AdaCluster calls, for the shapes of PERFORMANCE.md.
 
-    python -m comfyui_adacluster.kernels.benchmark [--shapes wan14b-720p ...] [--kept 0.10] [--out results.json]
+    python -m comfyui_adacluster.adacluster_core.tools.kernel_bench [--shapes wan14b-720p ...] [--kept 0.10] [--out results.json]
 
 Kernel rows: layouts clustered like AdaCluster's (65 query clusters, N/100 (300..1000) key clusters of
 skewed, ragged sizes; every query cluster keeps key clusters in random order until ``--kept`` of the key
@@ -86,8 +86,8 @@ def select_until_kept(scores, k_sizes, kept: float):
 
 
 def clustered_layout(heads, tokens, kept, generator, device):
-    from ..adacluster_core.layout import Layout
-    from . import triton_ops
+    from ..layout import Layout
+    from ...kernels import triton_ops
     n_keys = min(1000, max(300, tokens // 100))
     q_labels = skewed_labels(heads, tokens, QUERY_CLUSTERS, generator, device)
     k_labels = skewed_labels(heads, tokens, n_keys, generator, device)
@@ -151,10 +151,10 @@ def runner_recipes(kept: float) -> dict:
 
 def bench_runner(q, k, v, overrides: dict, dense_ms: float) -> dict:
     """One real steady-state call through SparseAttention (after a calibration call), timed whole and by part."""
-    from ..adacluster_core.attention import CallInfo, SparseAttention
-    from ..adacluster_core.cache import RunCache
-    from ..adacluster_core.config import load_preset
-    from . import dense_attention, execute_layout
+    from ..attention import CallInfo, SparseAttention
+    from ..cache import RunCache
+    from ..config import load_preset
+    from ...kernels import dense_attention, execute_layout
 
     config = load_preset("wan", **{"warmup_steps": 1, "dense_layer_fraction": 0.0, **overrides})
     cache = RunCache()
@@ -199,19 +199,19 @@ def _graph(fn) -> torch.cuda.CUDAGraph:
 
 def _plan(runner, q, k, call):
     """The clustering and selection part of a runner call: (layout, query clusters, key clusters)."""
-    from ..adacluster_core import selection
+    from .. import selection
     qc, kc = runner.cluster(q, k, call)
     return selection.build_layout(q, k, qc, kc, runner.config.selection), qc, kc
 
 
 def _kept(layout, qc, kc):
     """The runner's per-call statistic: (B, H) kept fraction of the layout."""
-    from ..adacluster_core import selection
+    from .. import selection
     return selection.kept_fraction(layout, qc.labels, kc.labels)
 
 
 def bench_shape(name, kept, generator, with_flex=True, with_runner=True):
-    from . import triton_ops
+    from ...kernels import triton_ops
     heads, tokens, d = SHAPES[name]
     device = "cuda"
     q, k, v = [torch.randn(1, heads, tokens, d, generator=generator, device=device, dtype=torch.bfloat16)
@@ -224,7 +224,7 @@ def bench_shape(name, kept, generator, with_flex=True, with_runner=True):
     layout = clustered_layout(heads, tokens, kept, generator, device)
     row["kept_fraction"] = float(layout.kept_fraction().mean())
     rho = row["kept_fraction"]
-    from .triton_attention import _key_path
+    from ...kernels.triton_attention import _key_path
     row["layout_key_path"] = _key_path(q, layout.k_perm)
     run_layout = lambda: triton_ops.execute_layout(q, k, v, layout)
     row["layout_ms"] = time_ms(run_layout)
@@ -236,7 +236,7 @@ def bench_shape(name, kept, generator, with_flex=True, with_runner=True):
     if with_flex:
         try:
             from torch.nn.attention.flex_attention import flex_attention
-            from .reference import gather_tokens
+            from ...kernels.reference import gather_tokens
             flex = torch.compile(flex_attention, dynamic=False)
             block_mask = flex_block_mask(layout, tokens)
             qp, kp, vp = gather_tokens(q, layout.q_perm), gather_tokens(k, layout.k_perm), gather_tokens(v, layout.k_perm)
