@@ -298,11 +298,19 @@ def main(argv=None):
     parser.add_argument("--no-flex", action="store_true")
     parser.add_argument("--no-runner", action="store_true")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--workload", choices=("random", "video"), default="random",
+                        help="random: kernel and whole-call rows on random inputs; video: whole calls of the "
+                             "default, paper, svg2 and Sol-Attn on video-like inputs at the real token grids")
     args = parser.parse_args(argv)
     if not 0.0 < args.kept <= 1.0:
         parser.error(f"--kept must be in (0, 1], got {args.kept}")
     if not torch.cuda.is_available():
         parser.error("the kernel benchmark needs a CUDA GPU")
+    if args.workload == "video":
+        from .video_bench import run
+        run(args.shapes, args.seed, args.out)
+        print(f"\nwrote {args.out}")
+        return
     generator = torch.Generator(device="cuda").manual_seed(args.seed)
     device_name = torch.cuda.get_device_name()
     rows = []

@@ -211,6 +211,15 @@ class VideoAttentionWorkload:
                 f"{cfg.heads} heads x {cfg.head_dim}, {cfg.layers} layers ({', '.join(self.layer_kinds)}), "
                 f"{cfg.steps} steps, {cfg.objects} objects, seed {cfg.seed}")
 
+    def to(self, device) -> "VideoAttentionWorkload":
+        """Moves every tensor the workload computes q/k/v from to ``device`` (in place; returns self), so
+        large grids are generated where they are used. The values stay the same."""
+        move = lambda x: x.to(device) if isinstance(x, torch.Tensor) else x  # noqa: E731
+        for name in ("angles", "_content", "_noise", "_text"):
+            setattr(self, name, move(getattr(self, name)))
+        self._layers = [{key: move(value) for key, value in params.items()} for params in self._layers]
+        return self
+
     # ----------------------------------------------------------------------------------- building
     def _check_step(self, step: int) -> None:
         if not 0 <= step < self.config.steps:
