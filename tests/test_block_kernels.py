@@ -68,5 +68,9 @@ def test_triton_block_kernels_in_the_interpreter():
     script = Path(__file__).with_name("interpret_block_kernels.py")
     env = {**os.environ, "TRITON_INTERPRET": "1"}
     result = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=300)
+    if result.returncode == 3:
+        import numpy
+        pytest.skip(f"the Triton interpreter fails on loops with numpy {numpy.__version__} (numpy<2.3 works): "
+                    f"{result.stdout.strip()[-200:]}")
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "ok" in result.stdout
