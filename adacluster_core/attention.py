@@ -1,8 +1,8 @@
 """The sparse attention runner: the one entry point an adapter calls for every attention call.
 
-For each call it decides (policy) whether to run dense, calibrate, or run sparse; for sparse calls it
-clusters (warm-started from the run cache), selects key clusters, builds a Layout and has the kernels
-execute it. Joint text+video sequences are split: text queries attend everything densely, video queries
+For each call it decides (policy) whether to run dense, run the method's pass (calibration, search or
+fit; dense output), or run sparse; for sparse calls the method (methods/, one module each) plans a Layout
+and the kernels execute it. Joint text+video sequences are split: text queries attend everything densely, video queries
 attend their selected video keys plus every text key (the always-kept sink), honouring an additive mask.
 Everything is per (batch element, head); batch elements are separate branches (cond / uncond).
 """
@@ -15,12 +15,13 @@ from typing import Callable, Optional
 import torch
 
 from .. import kernels
-from . import clustering, selection
-from .cache import BranchState, CallRecord, RunCache, Timer
+from . import methods
+from .cache import CallRecord, RunCache, Timer
 from .clustering import Clusters
 from .config import AdaClusterConfig
 from .layout import Layout
-from .schedule import Phase, phase_of
+from .methods.base import SparseMethod, TextSegment
+from .schedule import Phase
 
 
 @dataclass(frozen=True)
@@ -32,48 +33,57 @@ class CallInfo:
     text_len: int = 0  # joint attention: number of text tokens in the sequence
     text_first: bool = False  # text tokens before the video tokens (CogVideoX) or after (HunyuanVideo)
     mask: Optional[torch.Tensor] = None  # additive or bool mask over keys, broadcastable to (B, H, N, N)
+    grid: Optional[tuple] = None  # (frames, height, width) of the video tokens after patching, when known
 
 
 class SparseAttention:
-    """``observer(call, batch_index, layout)``, if given, sees every layout before it runs (for measurements)."""
+    """``observer(call, batch_index, layout)``, if given, sees every layout before it runs (for measurements).
+
+    ``method`` (a methods.SparseMethod built on this ``cache``) is the layout builder; by default the one
+    ``config.method`` names, with its default settings."""
 
     def __init__(self, config: AdaClusterConfig, cache: RunCache,
-                 observer: Optional[Callable[[CallInfo, int, Layout], None]] = None):
+                 observer: Optional[Callable[[CallInfo, int, Layout], None]] = None,
+                 method: Optional[SparseMethod] = None):
         self.config = config.validate()
         self.cache = cache
-        self.cache.method = config.method
+        self.method = method if method is not None else methods.create(self.config, cache)
+        if self.method.cache is not cache:
+            raise ValueError("the method must be built on the runner's RunCache")
+        self.cache.method = self.method.name
         self.observer = observer
 
     # ------------------------------------------------------------------ policy
     def decide(self, q_shape, k_shape, call: CallInfo) -> Optional[str]:
         """Why this call stays dense (a short reason), or None when it runs sparse.
 
-        The calibration step also returns its reason: its output is dense, but clustering is computed."""
+        The method's pass step (calibration, search, fit) also returns its reason: its output is dense, but
+        the pass is computed."""
         if q_shape[-2] != k_shape[-2]:
             return "cross-attention"
         video = q_shape[-2] - call.text_len
         if video < max(2, self.config.min_tokens):
             return f"short sequence ({video} video tokens < min_tokens {self.config.min_tokens})"
-        phase = phase_of(call.step, self.config.warmup_steps)
-        if phase is not Phase.SPARSE:
+        phase = self.method.phase(call.step, call.total_steps)
+        if phase is Phase.WARMUP:
             return phase.value
+        if phase is Phase.CALIBRATE:
+            return self.method.pass_name
         dense_layers = self._dense_layers(call.step)
         if dense_layers is not None and call.layer in dense_layers:
             return "dense layer"
         return None
 
     def _dense_layers(self, step: int) -> Optional[frozenset]:
-        """The dense-layer set, decided once every layer has been calibrated (at the first sparse step,
-        or after step 0 when there is no warm-up and layers calibrate on first use)."""
+        """The dense-layer set, decided once from the method's candidates: the ``dense_layer_fraction`` of
+        layers with the largest score (nearest count, halves up), plus every layer with a hard head."""
         cache = self.cache
-        if cache.dense_layers is None and (self.config.warmup_steps > 0 or step > 0):
-            calibrated = cache.calibrated_layers()
-            if calibrated:
-                ranked = sorted(calibrated, key=lambda layer: calibrated[layer][0], reverse=True)
-                n_dense = math.floor(self.config.dense_layer_fraction * len(ranked) + 0.5)  # nearest, halves up
-                if self.config.method == "svg2":  # fixed cluster counts: no ranking to pick dense layers by
-                    n_dense = 0
-                hard = {layer for layer, (_, is_hard) in calibrated.items() if is_hard}
+        if cache.dense_layers is None:
+            candidates = self.method.dense_layer_candidates(step)
+            if candidates is not None:
+                ranked = sorted(candidates, key=lambda layer: candidates[layer][0], reverse=True)
+                n_dense = math.floor(self.method.dense_layer_fraction * len(ranked) + 0.5)
+                hard = {layer for layer, (_, is_hard) in candidates.items() if is_hard}
                 cache.dense_layers = frozenset(ranked[:n_dense]) | hard
         return cache.dense_layers
 
@@ -87,28 +97,44 @@ class SparseAttention:
         mask = kernels.reference.additive_mask(call.mask)
         if reason is None and mask is not None and _masks_video_keys(mask, video):
             reason = "mask on video tokens"
-        if reason == Phase.CALIBRATE.value:
-            out = dense()
-            clustering_timer = Timer(q.device)
-            counts = self.calibrate(q[:, :, video], k[:, :, video], call)
-            self.cache.record(CallRecord(call.layer, call.step, False, reason, total.stop(),
-                                         clustering_timer.stop(), key_counts=counts))
-            return out
+        if reason is not None and reason == self.method.pass_name:
+            return self._pass(q, k, v, call, video, mask, reason, dense, total)
         if reason is not None:
             out = dense()
             self.cache.record(CallRecord(call.layer, call.step, False, reason, total.stop()))
             return out
         return self._sparse(q, k, v, call, video, mask, total)
 
+    def _pass(self, q, k, v, call, video, mask, reason, dense, total):
+        """A pass step: dense output, the method's pass on the video tokens."""
+        text = self._text_slice(q.shape[-2], call)
+        segment = None
+        if call.text_len:
+            segment = TextSegment(k[:, :, text], v[:, :, text], None if mask is None else _mask_block(mask, video, text))
+        pass_timer = Timer(q.device)
+        result = self.method.run_pass(q[:, :, video], k[:, :, video], v[:, :, video], call, segment)
+        pass_timer.stop()
+        if result.out is None:
+            out = dense()
+        elif call.text_len:
+            out = torch.empty_like(q)
+            out[:, :, video] = result.out
+            text_mask = None if mask is None else _mask_block(mask, text, slice(None))
+            out[:, :, text] = kernels.dense_attention(q[:, :, text], k, v, mask=text_mask)
+        else:
+            out = result.out
+        self.cache.record(CallRecord(call.layer, call.step, False, reason, total.stop(), pass_timer,
+                                     key_counts=result.key_counts))
+        return out
+
     def _sparse(self, q, k, v, call, video, mask, total):
         batch, heads, n, d = q.shape
         text = self._text_slice(n, call)
         qv, kv, vv = q[:, :, video], k[:, :, video], v[:, :, video]
-        clustering_timer = Timer(q.device)
-        qc, kc = self.cluster(qv, kv, call)
-        layout = selection.build_layout(qv, kv, qc, kc, self.config.selection)
-        kept = selection.kept_fraction(layout, qc.labels, kc.labels)
-        clustering_timer.stop()
+        planning_timer = Timer(q.device)
+        plan = self.method.plan(qv, kv, call)
+        planning_timer.stop()
+        layout = plan.layout
         if self.observer is not None:
             for b in range(batch):
                 self.observer(call, b, _batch_slice(layout, b))
@@ -123,72 +149,24 @@ class SparseAttention:
             out[:, :, text] = kernels.dense_attention(q[:, :, text], k, v, mask=text_mask)
         else:  # no copy: the executor's output is the call's output
             out = kernels.execute_layout(qv, kv, vv, layout)
-        self.cache.record(CallRecord(call.layer, call.step, True, None, total.stop(), clustering_timer,
-                                     kept=kept, key_counts=kc.counts))
+        self.cache.record(CallRecord(call.layer, call.step, True, None, total.stop(), planning_timer,
+                                     kept=plan.kept, key_counts=plan.key_counts))
         return out
 
-    # ------------------------------------------------------------------ clustering
+    # ------------------------------------------------------------------ clustering (AdaCluster and SVG2)
     def calibrate(self, q: torch.Tensor, k: torch.Tensor, call: CallInfo) -> torch.Tensor:
         """Full clustering of the video tokens q, k (B, H, N, d) of every branch; returns (B, H) key counts."""
-        return torch.stack([self._calibrate(q[b:b + 1], k[b:b + 1], call, b) for b in range(q.shape[0])])
+        return self._clustering_method().calibrate(q, k, call)
 
     def cluster(self, q: torch.Tensor, k: torch.Tensor, call: CallInfo) -> tuple[Clusters, Clusters]:
-        """Query and key clusters of a sparse call: a branch seen for the first time (no calibration step)
-        is calibrated now; then every branch takes one warm-started round from its cached centroids."""
-        for b in range(q.shape[0]):
-            if self.cache.state(call.layer, call.branches[b]) is None:
-                self._calibrate(q[b:b + 1], k[b:b + 1], call, b)
-        return self._warm_start(q, k, call)
+        """Query and key clusters of a sparse call (see methods.AdaCluster.cluster)."""
+        return self._clustering_method().cluster(q, k, call)
 
-    def _calibrate(self, q: torch.Tensor, k: torch.Tensor, call: CallInfo, b: int) -> torch.Tensor:
-        """Full clustering of one batch element; stores the branch state. Returns (H,) key counts."""
-        cfg = self.config
-        gen = clustering.generator_for(cfg.seed, call.layer)
-        n = q.shape[-2]
-        if cfg.method == "svg2":
-            qc = _euclidean(q, min(cfg.query_clusters, n), cfg.calibration_iters, gen)
-            kc = _euclidean(k, min(cfg.key_clusters_svg2, n), cfg.calibration_iters, gen)
-            hard = torch.zeros(q.shape[1], dtype=torch.bool, device=q.device)
-        else:
-            qc = clustering.cluster_queries(q, min(cfg.query_clusters, n), cfg.calibration_iters, generator=gen)
-            profile_counts = self.cache.profile.counts_for(call.layer) if self.cache.profile is not None else None
-            if profile_counts is not None:
-                self.cache.profile.check_fits(q.shape[1], n)
-                counts = profile_counts.to(k.device).clamp_max(n).unsqueeze(0)
-                init = clustering.sample_rows(k, int(counts.max()), gen)
-                kc = clustering.cluster_keys_fixed(k, init, counts, cfg.calibration_iters)
-                hard = torch.zeros(q.shape[1], dtype=torch.bool, device=q.device)
-            else:
-                calib = clustering.calibrate_keys(
-                    k, min(cfg.initial_key_clusters, n), cfg.sparsity_threshold, cfg.threshold_mode == "relative",
-                    cfg.max_stages, cfg.max_clusters_fraction, cfg.calibration_iters, gen)
-                kc, hard = calib.clusters, calib.hard[0]
-        self.cache.set_state(call.layer, call.branches[b], BranchState(
-            q_centroids=qc.centroids[0].to(q.dtype), k_centroids=kc.centroids[0].to(k.dtype),
-            k_counts=kc.counts[0], hard=hard, tokens=n))
-        return kc.counts[0]
-
-    def _warm_start(self, q, k, call):
-        """Warm-started clustering of every batch element from its branch's cached centroids.
-
-        Branches may have different key cluster counts: their centroids are padded to the largest count with
-        unused slots (beyond k_counts), which stay empty and are cut off again when the state is stored."""
-        cfg = self.config
-        states = [self.cache.state(call.layer, branch) for branch in call.branches[:q.shape[0]]]
-        q_init = torch.stack([s.q_centroids for s in states])
-        k_slots = [s.k_centroids.shape[-2] for s in states]
-        k_init = q.new_zeros(q.shape[0], q.shape[1], max(k_slots), q.shape[-1], dtype=states[0].k_centroids.dtype)
-        for b, s in enumerate(states):
-            k_init[b, :, :k_slots[b]] = s.k_centroids
-        k_counts = torch.stack([s.k_counts for s in states])
-        minmax = cfg.selection.score in ("quest", "blend")
-        spherical = cfg.method != "svg2"  # svg2 clusters queries with Euclidean k-means too
-        qc = clustering.warm_step(q, q_init, cfg.step_iters, spherical)
-        kc = clustering.warm_step(k, k_init, cfg.step_iters, False, k_counts, minmax=minmax)
-        for b, s in enumerate(states):
-            s.q_centroids = qc.centroids[b].to(q.dtype)
-            s.k_centroids = kc.centroids[b, :, :k_slots[b]].to(k.dtype)
-        return qc, kc
+    def _clustering_method(self) -> methods.AdaCluster:
+        if not isinstance(self.method, methods.AdaCluster):
+            raise TypeError(f"method {self.method.name!r} does not cluster tokens; cluster() and calibrate() "
+                            "belong to the adacluster and svg2 methods")
+        return self.method
 
     # ------------------------------------------------------------------ token ranges
     @staticmethod
@@ -200,11 +178,6 @@ class SparseAttention:
     @staticmethod
     def _text_slice(n: int, call: CallInfo) -> slice:
         return slice(0, call.text_len) if call.text_first else slice(n - call.text_len, n)
-
-
-def _euclidean(x, count, iters, gen) -> Clusters:
-    centroids, labels, sizes, _ = kernels.kmeans(x, clustering.sample_rows(x, count, gen), iters, False)
-    return Clusters(centroids, labels, sizes, torch.full(x.shape[:2], count, dtype=torch.int64, device=x.device))
 
 
 def _batch_slice(layout: Layout, b: int) -> Layout:

@@ -11,7 +11,7 @@ from typing import Optional
 
 import torch
 
-from . import reference
+from . import reference, reference_blocks
 
 try:  # flash-attn is optional; torch SDPA is the default dense backend
     from flash_attn import flash_attn_func as _flash_attn_func
@@ -49,12 +49,12 @@ def backend_name(x: torch.Tensor) -> str:
     return "triton" if backend_for(x) is not reference else "reference"
 
 
-def _dispatch(name):
+def _dispatch(name, oracle=reference):
     def call(x, *args, **kwargs):
-        impl = getattr(backend_for(x), name, None) or getattr(reference, name)
+        impl = getattr(backend_for(x), name, None) or getattr(oracle, name)
         return impl(x, *args, **kwargs)
     call.__name__ = name
-    call.__doc__ = getattr(reference, name).__doc__
+    call.__doc__ = getattr(oracle, name).__doc__
     return call
 
 
@@ -68,6 +68,9 @@ quest_scores = _dispatch("quest_scores")
 execute_layout = _dispatch("execute_layout")
 segment_means = _dispatch("segment_means")
 segment_labels = reference.segment_labels
+# the block passes of AdaSpa and MOD-DiT (dense attention with LSE, block mass / sparsity statistics)
+attention_lse = _dispatch("attention_lse", reference_blocks)
+block_statistics = _dispatch("block_statistics", reference_blocks)
 
 
 def dense_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[torch.Tensor] = None,

@@ -1,0 +1,112 @@
+"""AdaCluster (ALGORITHMS.md 1): angular query clusters, adaptive key clusters, critical-cluster selection.
+
+The last warm-up step calibrates (full clustering, per-head key counts); every sparse step takes one
+warm-started k-means round from the branch's cached centroids and selects key clusters per query cluster.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from .. import clustering, selection
+from ..cache import BranchState, RunCache
+from ..clustering import Clusters
+from ..config import AdaClusterConfig
+from ..schedule import Phase, phase_of
+from .base import PassResult, Plan, SparseMethod
+
+
+class AdaCluster(SparseMethod):
+    name = "adacluster"
+    spherical_queries = True  # AdaCluster clusters the normalised queries; SVG2 the raw ones
+
+    def __init__(self, config: AdaClusterConfig, cache: RunCache):
+        super().__init__(cache)
+        self.config = config
+        self.dense_layer_fraction = config.dense_layer_fraction
+
+    def phase(self, step: int, total_steps: int) -> Phase:
+        return phase_of(step, self.config.warmup_steps)
+
+    def run_pass(self, q, k, v, call, text) -> PassResult:
+        return PassResult(key_counts=self.calibrate(q, k, call))
+
+    def plan(self, q: torch.Tensor, k: torch.Tensor, call) -> Plan:
+        qc, kc = self.cluster(q, k, call)
+        layout = selection.build_layout(q, k, qc, kc, self.config.selection)
+        kept = selection.kept_fraction(layout, qc.labels, kc.labels)
+        return Plan(layout, kept, kc.counts)
+
+    def dense_layer_candidates(self, step: int) -> Optional[dict]:
+        # decided once every layer has been calibrated: at the first sparse step, or after step 0 when there
+        # is no warm-up and layers calibrate on first use
+        if self.config.warmup_steps == 0 and step == 0:
+            return None
+        return self.cache.calibrated_layers() or None
+
+    def describe(self) -> str:
+        c = self.config
+        return (f"method {self.name}, recipe {c.recipe}, query clusters {c.query_clusters}, initial key clusters "
+                f"{c.initial_key_clusters}, threshold {c.sparsity_threshold}, top-k {c.selection.top_k}, warm-up "
+                f"{c.warmup_steps}, dense layers {c.dense_layer_fraction:.0%}, min tokens {c.min_tokens}")
+
+    # ------------------------------------------------------------------ clustering
+    def calibrate(self, q: torch.Tensor, k: torch.Tensor, call) -> torch.Tensor:
+        """Full clustering of the video tokens q, k (B, H, N, d) of every branch; returns (B, H) key counts."""
+        return torch.stack([self._calibrate(q[b:b + 1], k[b:b + 1], call, b) for b in range(q.shape[0])])
+
+    def cluster(self, q: torch.Tensor, k: torch.Tensor, call) -> tuple[Clusters, Clusters]:
+        """Query and key clusters of a sparse call: a branch seen for the first time (no calibration step)
+        is calibrated now; then every branch takes one warm-started round from its cached centroids."""
+        for b in range(q.shape[0]):
+            if self.cache.state(call.layer, call.branches[b]) is None:
+                self._calibrate(q[b:b + 1], k[b:b + 1], call, b)
+        return self._warm_start(q, k, call)
+
+    def _initial_clusters(self, q, k, call, gen) -> tuple[Clusters, Clusters, torch.Tensor]:
+        """Query clusters, key clusters (count chosen per head) and the hard-head flags of one batch element."""
+        cfg = self.config
+        n = q.shape[-2]
+        qc = clustering.cluster_queries(q, min(cfg.query_clusters, n), cfg.calibration_iters, generator=gen)
+        profile_counts = self.cache.profile.counts_for(call.layer) if self.cache.profile is not None else None
+        if profile_counts is not None:
+            self.cache.profile.check_fits(q.shape[1], n)
+            counts = profile_counts.to(k.device).clamp_max(n).unsqueeze(0)
+            init = clustering.sample_rows(k, int(counts.max()), gen)
+            kc = clustering.cluster_keys_fixed(k, init, counts, cfg.calibration_iters)
+            return qc, kc, torch.zeros(q.shape[1], dtype=torch.bool, device=q.device)
+        calib = clustering.calibrate_keys(
+            k, min(cfg.initial_key_clusters, n), cfg.sparsity_threshold, cfg.threshold_mode == "relative",
+            cfg.max_stages, cfg.max_clusters_fraction, cfg.calibration_iters, gen)
+        return qc, calib.clusters, calib.hard[0]
+
+    def _calibrate(self, q: torch.Tensor, k: torch.Tensor, call, b: int) -> torch.Tensor:
+        """Full clustering of one batch element; stores the branch state. Returns (H,) key counts."""
+        gen = clustering.generator_for(self.config.seed, call.layer)
+        qc, kc, hard = self._initial_clusters(q, k, call, gen)
+        self.cache.set_state(call.layer, call.branches[b], BranchState(
+            q_centroids=qc.centroids[0].to(q.dtype), k_centroids=kc.centroids[0].to(k.dtype),
+            k_counts=kc.counts[0], hard=hard, tokens=q.shape[-2]))
+        return kc.counts[0]
+
+    def _warm_start(self, q, k, call):
+        """Warm-started clustering of every batch element from its branch's cached centroids.
+
+        Branches may have different key cluster counts: their centroids are padded to the largest count with
+        unused slots (beyond k_counts), which stay empty and are cut off again when the state is stored."""
+        cfg = self.config
+        states = [self.cache.state(call.layer, branch) for branch in call.branches[:q.shape[0]]]
+        q_init = torch.stack([s.q_centroids for s in states])
+        k_slots = [s.k_centroids.shape[-2] for s in states]
+        k_init = q.new_zeros(q.shape[0], q.shape[1], max(k_slots), q.shape[-1], dtype=states[0].k_centroids.dtype)
+        for b, s in enumerate(states):
+            k_init[b, :, :k_slots[b]] = s.k_centroids
+        k_counts = torch.stack([s.k_counts for s in states])
+        minmax = cfg.selection.score in ("quest", "blend")
+        qc = clustering.warm_step(q, q_init, cfg.step_iters, self.spherical_queries)
+        kc = clustering.warm_step(k, k_init, cfg.step_iters, False, k_counts, minmax=minmax)
+        for b, s in enumerate(states):
+            s.q_centroids = qc.centroids[b].to(q.dtype)
+            s.k_centroids = kc.centroids[b, :, :k_slots[b]].to(k.dtype)
+        return qc, kc
