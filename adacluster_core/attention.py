@@ -75,16 +75,19 @@ class SparseAttention:
         return None
 
     def _dense_layers(self, step: int) -> Optional[frozenset]:
-        """The dense-layer set, decided once from the method's candidates: the ``dense_layer_fraction`` of
-        layers with the largest score (nearest count, halves up), plus every layer with a hard head."""
+        """The dense-layer set, decided once from the method's candidates: of the layers with the largest
+        score, at most the ``dense_layer_fraction`` (nearest count, halves up) whose score is above the
+        method's minimum, plus every layer with a hard head."""
         cache = self.cache
         if cache.dense_layers is None:
             candidates = self.method.dense_layer_candidates(step)
             if candidates is not None:
                 ranked = sorted(candidates, key=lambda layer: candidates[layer][0], reverse=True)
                 n_dense = math.floor(self.method.dense_layer_fraction * len(ranked) + 0.5)
+                floor = self.method.dense_layer_min_score
+                chosen = [layer for layer in ranked[:n_dense] if floor is None or candidates[layer][0] > floor]
                 hard = {layer for layer, (_, is_hard) in candidates.items() if is_hard}
-                cache.dense_layers = frozenset(ranked[:n_dense]) | hard
+                cache.dense_layers = frozenset(chosen) | hard
         return cache.dense_layers
 
     # ------------------------------------------------------------------ call
@@ -113,6 +116,9 @@ class SparseAttention:
             segment = TextSegment(k[:, :, text], v[:, :, text], None if mask is None else _mask_block(mask, video, text))
         pass_timer = Timer(q.device)
         result = self.method.run_pass(q[:, :, video], k[:, :, video], v[:, :, video], call, segment)
+        probe = None
+        if self.method.probes_at_pass:  # the sparse output once, to measure its error against dense below
+            probe = self._execute(q, k, v, call, video, mask, self.method.plan(q[:, :, video], k[:, :, video], call))
         pass_timer.stop()
         if result.out is None:
             out = dense()
@@ -123,21 +129,29 @@ class SparseAttention:
             out[:, :, text] = kernels.dense_attention(q[:, :, text], k, v, mask=text_mask)
         else:
             out = result.out
+        if probe is not None:
+            self.method.record_probe(call, _relative_error(probe[:, :, video], out[:, :, video]))
         self.cache.record(CallRecord(call.layer, call.step, False, reason, total.stop(), pass_timer,
                                      key_counts=result.key_counts))
         return out
 
     def _sparse(self, q, k, v, call, video, mask, total):
-        batch, heads, n, d = q.shape
-        text = self._text_slice(n, call)
-        qv, kv, vv = q[:, :, video], k[:, :, video], v[:, :, video]
         planning_timer = Timer(q.device)
-        plan = self.method.plan(qv, kv, call)
+        plan = self.method.plan(q[:, :, video], k[:, :, video], call)
         planning_timer.stop()
-        layout = plan.layout
         if self.observer is not None:
-            for b in range(batch):
-                self.observer(call, b, _batch_slice(layout, b))
+            for b in range(q.shape[0]):
+                self.observer(call, b, _batch_slice(plan.layout, b))
+        out = self._execute(q, k, v, call, video, mask, plan)
+        self.cache.record(CallRecord(call.layer, call.step, True, None, total.stop(), planning_timer,
+                                     kept=plan.kept, key_counts=plan.key_counts))
+        return out
+
+    def _execute(self, q, k, v, call, video, mask, plan):
+        """Runs a plan: video queries through the layout (plus the text sink), text queries densely."""
+        text = self._text_slice(q.shape[-2], call)
+        qv, kv, vv = q[:, :, video], k[:, :, video], v[:, :, video]
+        layout = plan.layout
         if call.text_len:
             text_k, text_v = k[:, :, text], v[:, :, text]
             text_bias = None if mask is None else _mask_block(mask, video, text)
@@ -149,8 +163,6 @@ class SparseAttention:
             out[:, :, text] = kernels.dense_attention(q[:, :, text], k, v, mask=text_mask)
         else:  # no copy: the executor's output is the call's output
             out = kernels.execute_layout(qv, kv, vv, layout)
-        self.cache.record(CallRecord(call.layer, call.step, True, None, total.stop(), planning_timer,
-                                     kept=plan.kept, key_counts=plan.key_counts))
         return out
 
     # ------------------------------------------------------------------ clustering (AdaCluster and SVG2)
@@ -186,6 +198,12 @@ def _batch_slice(layout: Layout, b: int) -> Layout:
     return Layout(q_offsets=pick(layout.q_offsets), k_offsets=pick(layout.k_offsets), selected=pick(layout.selected),
                   q_perm=pick(layout.q_perm), k_perm=pick(layout.k_perm), local_block=layout.local_block,
                   tail=layout.tail)
+
+
+def _relative_error(out: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
+    """(B,) relative L2 distance per batch element, on the device (no host synchronisation)."""
+    diff = (out.float() - reference.float()).flatten(1).norm(dim=-1)
+    return diff / reference.float().flatten(1).norm(dim=-1).clamp_min(1e-12)
 
 
 def _mask_block(mask: torch.Tensor, rows: slice, cols: slice) -> torch.Tensor:

@@ -26,6 +26,7 @@ class BranchState:
     k_counts: torch.Tensor  # (H,) int64
     hard: torch.Tensor  # (H,) bool: head hard to compress
     tokens: int = 0  # video tokens seen at calibration
+    calibration_error: Optional[torch.Tensor] = None  # () relative L2 of the sparse output at calibration
 
     def tensors(self):
         return (self.q_centroids, self.k_centroids, self.k_counts, self.hard)
@@ -200,6 +201,15 @@ class RunCache:
         return {layer: (float(torch.stack([s.k_counts.float().mean() for s in states]).mean()),
                         bool(torch.stack([s.hard.any() for s in states]).any()))
                 for layer, states in per_layer.items()}
+
+    def calibration_errors(self) -> dict:
+        """layer -> largest relative error of the sparse output measured at calibration over its branches,
+        for the layers where it was measured."""
+        per_layer = defaultdict(list)
+        for (layer, _), state in self.states.items():
+            if state.calibration_error is not None:
+                per_layer[layer].append(state.calibration_error)
+        return {layer: float(torch.stack(errors).max()) for layer, errors in per_layer.items()}
 
     def record(self, rec: CallRecord) -> None:
         self.records.append(rec)

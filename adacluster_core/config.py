@@ -28,6 +28,8 @@ class SelectionConfig:
     count: str = "topk"  # "topk": fixed number of clusters; "mass": smallest set reaching top_p of the mass
     top_k: int = 16
     top_p: float = 0.9
+    min_clusters: int = 0  # "mass": at least this many clusters per query cluster
+    max_clusters: int = 0  # "mass": at most this many (0 = no cap)
     min_kept_fraction: float = 0.05  # keep adding clusters in score order until this share of keys
     tail: bool = True  # pooled tail for skipped clusters
     local_block: int = 64  # each query's own block in original order; 0 = off
@@ -60,7 +62,11 @@ class AdaClusterConfig:
     key_clusters_svg2: int = 200  # fixed key cluster count for the svg2 method
     calibration_iters: int = 3
     step_iters: int = 1  # warm-started k-means iterations on sparse steps
-    dense_layer_fraction: float = 0.15
+    dense_layer_fraction: float = 0.15  # at most this share of layers runs dense
+    # "error": the layers whose sparse output measured furthest from dense at calibration, if above
+    # dense_error_threshold; "clusters": the layers needing the most key clusters (as published)
+    dense_layers_by: str = "error"
+    dense_error_threshold: float = 0.1
     warmup_steps: int = 10
     min_tokens: int = 4096  # shorter self-attention stays dense
     seed: int = 0
@@ -79,6 +85,8 @@ class AdaClusterConfig:
         _int_range("calibration_iters", self.calibration_iters, 1, 100)
         _int_range("step_iters", self.step_iters, 0, 100)
         _float_range("dense_layer_fraction", self.dense_layer_fraction, 0.0, 1.0)
+        _choice("dense_layers_by", self.dense_layers_by, ("error", "clusters"))
+        _float_range("dense_error_threshold", self.dense_error_threshold, 0.0, 10.0)
         _int_range("warmup_steps", self.warmup_steps, 0, 10000)
         _int_range("min_tokens", self.min_tokens, 0, 1 << 30)
         sel = self.selection
@@ -91,6 +99,8 @@ class AdaClusterConfig:
                 f"selection.top_k = {sel.top_k} is larger than the most key clusters a layer can have "
                 f"(initial_key_clusters x max_stages = {self.initial_key_clusters * self.max_stages})")
         _float_range("selection.top_p", sel.top_p, 0.0, 1.0, low_open=True)
+        _int_range("selection.min_clusters", sel.min_clusters, 0, 4096)
+        _int_range("selection.max_clusters", sel.max_clusters, 0, 4096)
         _float_range("selection.min_kept_fraction", sel.min_kept_fraction, 0.0, 1.0)
         _int_range("selection.local_block", sel.local_block, 0, 1 << 16)
         for name in ("tail", "own_clusters"):

@@ -74,6 +74,10 @@ def choose_clusters(rank: torch.Tensor, log_mass: torch.Tensor, k_sizes: torch.T
         mass_sorted = mass.gather(-1, order)
         before = torch.cumsum(mass_sorted, dim=-1) - mass_sorted  # mass of the clusters ranked higher
         keep = (before < config.top_p).gather(-1, position)
+        # the budget follows how concentrated the estimated mass is, between a floor and a cap
+        if config.max_clusters:
+            keep = keep & (position < config.max_clusters)
+        keep = keep | (position < config.min_clusters)
     if config.min_kept_fraction > 0:
         sizes_sorted = k_sizes.unsqueeze(-2).expand_as(rank).gather(-1, order).float()
         tokens_before = torch.cumsum(sizes_sorted, dim=-1) - sizes_sorted

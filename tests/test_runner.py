@@ -112,7 +112,8 @@ def test_dense_layer_set_is_the_layers_with_most_clusters():
     tight_q, tight_k, v = structured_qkv(batch=1, heads=2, n=900, d=16, groups=4, seed=5)
     cache = RunCache()
     cache.start_run(3)
-    config = {**SMALL, "dense_layer_fraction": 0.5, "threshold_mode": "absolute", "sparsity_threshold": 2.5}
+    config = {**SMALL, "dense_layer_fraction": 0.5, "threshold_mode": "absolute", "sparsity_threshold": 2.5,
+              "dense_layers_by": "clusters"}
     runner = SparseAttention(from_dict(config), cache)
     for step in range(2):
         for layer in range(4):
@@ -120,6 +121,28 @@ def test_dense_layer_set_is_the_layers_with_most_clusters():
             runner(tight_q, k, v, CallInfo(layer, step, 3, (0,)), dense=lambda: dense_reference(tight_q, k, v))
     assert 2 in cache.dense_layers and len(cache.dense_layers) == 2  # 0.5 * 4 layers
     assert runner.decide(tight_q.shape, tight_q.shape, CallInfo(2, 2, 3, (0,))) == "dense layer"
+
+
+def test_dense_layers_are_those_whose_sparse_output_errs_above_the_threshold():
+    """Layers rank by the error of their sparse output measured at calibration; of the dense-layer share,
+    only those above the threshold run dense."""
+    torch.manual_seed(7)
+    tight_q, tight_k, v = structured_qkv(batch=1, heads=2, n=900, d=16, groups=4, seed=7)
+    flat_q, flat_k = torch.randn(1, 2, 900, 16), torch.randn(1, 2, 900, 16)  # no structure for clusters to find
+    cache = RunCache()
+    cache.start_run(3)
+    config = {**SMALL, "dense_layer_fraction": 0.5, "dense_error_threshold": 0.2, "selection": {"top_k": 4}}
+    runner = SparseAttention(from_dict(config), cache)
+    for step in range(2):
+        for layer in range(4):
+            q, k = (flat_q, flat_k) if layer == 1 else (tight_q, tight_k)
+            runner(q, k, v, CallInfo(layer, step, 3, (0,)), dense=lambda: dense_reference(q, k, v))
+    errors = cache.calibration_errors()
+    assert set(errors) == {0, 1, 2, 3}
+    assert errors[1] > 0.2 > max(errors[layer] for layer in (0, 2, 3))  # what the ranking below relies on
+    assert cache.dense_layers == frozenset({1})  # two may run dense, one errs above the threshold
+    assert runner.decide(flat_q.shape, flat_q.shape, CallInfo(1, 2, 3, (0,))) == "dense layer"
+    assert runner.decide(tight_q.shape, tight_q.shape, CallInfo(0, 2, 3, (0,))) is None
 
 
 def test_cache_lifecycle_frees_everything():

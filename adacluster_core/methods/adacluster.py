@@ -25,6 +25,9 @@ class AdaCluster(SparseMethod):
         super().__init__(cache)
         self.config = config
         self.dense_layer_fraction = config.dense_layer_fraction
+        # ranked by measured error, the calibration step also runs the sparse path once to measure it
+        self.probes_at_pass = config.dense_layers_by == "error"
+        self.dense_layer_min_score = config.dense_error_threshold if self.probes_at_pass else None
 
     def phase(self, step: int, total_steps: int) -> Phase:
         return phase_of(step, self.config.warmup_steps)
@@ -38,12 +41,21 @@ class AdaCluster(SparseMethod):
         kept = selection.kept_fraction(layout, qc.labels, kc.labels)
         return Plan(layout, kept, kc.counts)
 
+    def record_probe(self, call, errors: torch.Tensor) -> None:
+        for b, branch in enumerate(call.branches[:errors.shape[0]]):
+            self.cache.state(call.layer, branch).calibration_error = errors[b]
+
     def dense_layer_candidates(self, step: int) -> Optional[dict]:
         # decided once every layer has been calibrated: at the first sparse step, or after step 0 when there
         # is no warm-up and layers calibrate on first use
         if self.config.warmup_steps == 0 and step == 0:
             return None
-        return self.cache.calibrated_layers() or None
+        calibrated = self.cache.calibrated_layers()
+        if not calibrated or not self.probes_at_pass:
+            return calibrated or None
+        # layers calibrated lazily (no calibration step) have no measured error: never chosen for it
+        errors = self.cache.calibration_errors()
+        return {layer: (errors.get(layer, 0.0), hard) for layer, (_, hard) in calibrated.items()}
 
     def describe(self) -> str:
         c = self.config

@@ -47,7 +47,9 @@ class SparseMethod:
 
     name = "method"
     pass_name = Phase.CALIBRATE.value  # the step's dense reason in reports ("calibration step", "search step")
-    dense_layer_fraction = 0.0  # share of layers the runner keeps dense, ranked by dense_layer_candidates
+    dense_layer_fraction = 0.0  # most share of layers the runner keeps dense, ranked by dense_layer_candidates
+    dense_layer_min_score = None  # a layer runs dense only with a score above this (None: no minimum)
+    probes_at_pass = False  # the runner measures this method's sparse output against dense after the pass
 
     def __init__(self, cache: RunCache):
         self.cache = cache
@@ -64,6 +66,9 @@ class SparseMethod:
         """The layout of a sparse call (video tokens). May run the method's own search first (AdaSpa's
         LSE-cached search, MOD-DiT's refresh), which it decides from ``call.step``."""
         raise NotImplementedError
+
+    def record_probe(self, call, errors: torch.Tensor) -> None:
+        """The relative error (B,) of each branch's sparse output at the pass step (when probes_at_pass)."""
 
     def dense_layer_candidates(self, step: int) -> Optional[dict]:
         """layer -> (score, hard) once every layer has done its pass (larger score: denser first), or None

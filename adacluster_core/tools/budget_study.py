@@ -1,0 +1,216 @@
+"""Budget and schedule study: how many keys the default keeps, and how early sparse attention can start.
+
+    adacluster-budget-study [--shape wan1.3b-480p] [--device cuda] [--out budget_study.json]
+
+Two parts, both on the video-like workload (the main command's generator) at a model's token grid:
+
+* **selection**: clusters from the runner itself (calibrated at an early or a late warm-up step, then one
+  warm-started round per step), and on each measured step every selection setting is applied to the same
+  clusters: error and kept fraction at high, middle and low noise, every layer sparse.
+* **schedule**: whole runs through the runner over the full sigma schedule, for the shipped default and
+  for variants of the warm-up length, the dense-layer rule and the budget: mean error over every call
+  (dense calls count as exact), mean error of the sparse calls, dense layers chosen, and the attention work
+  (mean kept fraction, dense calls counted as 1), which is what the speed follows.
+
+On a CPU use ``--shape small`` (7,680 tokens); the model grids need a GPU.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from typing import Optional
+
+import torch
+
+from ... import kernels
+from .. import selection
+from ..attention import CallInfo, SparseAttention
+from ..cache import RunCache
+from ..config import SelectionConfig, from_dict, load_preset
+from .demo import relative_l2
+from .video_bench import VIDEO_SHAPES, VideoShape
+from .workload import VideoAttentionWorkload, WorkloadConfig
+
+SHAPES = {"small": VideoShape(8, 24, 40, 4, 128, "wan"), **VIDEO_SHAPES}
+NOISE_POINTS = {"high": 0.1, "middle": 0.5, "low": 0.8}  # measured steps as fractions of the schedule
+
+
+def selection_settings() -> dict:
+    """Name -> SelectionConfig swept in the selection part (locality and tail on, as in the default)."""
+    settings = {f"top-k {k}": SelectionConfig(count="topk", top_k=k) for k in (4, 8, 12, 16)}
+    for p in (0.5, 0.7, 0.8, 0.9):
+        for low, high in ((2, 16), (4, 24), (4, 32)):
+            settings[f"mass {p} [{low}, {high}]"] = SelectionConfig(count="mass", top_p=p, min_clusters=low,
+                                                                    max_clusters=high)
+    settings["mass 0.8 [4, 24], 2% floor"] = SelectionConfig(count="mass", top_p=0.8, min_clusters=4,
+                                                             max_clusters=24, min_kept_fraction=0.02)
+    return settings
+
+
+def schedule_variants(preset: str) -> dict:
+    """Name -> config overrides of whole-run variants (on top of the family preset)."""
+    return {
+        "preset as shipped": {},
+        "warm-up 10, top-k 16, dense 15% by cluster count": {"warmup_steps": 10, "recipe": "hybrid",
+                                                             "dense_error_threshold": 0.0},
+        "warm-up 3": {"warmup_steps": 3},
+        "warm-up 5": {"warmup_steps": 5},
+        "warm-up 3, no dense layers": {"warmup_steps": 3, "dense_layer_fraction": 0.0},
+        "warm-up 3, published schedule budget (top-k 16)": {"warmup_steps": 3, "recipe": "hybrid",
+                                                            "selection": {"count": "topk"}},
+    }
+
+
+def _workload(shape: VideoShape, layers: int, steps: int, seed: int, device) -> VideoAttentionWorkload:
+    return VideoAttentionWorkload(WorkloadConfig(
+        frames=shape.frames, height=shape.height, width=shape.width, heads=shape.heads, head_dim=shape.head_dim,
+        layers=layers, steps=steps, text_len=shape.text_len, text_first=shape.text_first, seed=seed)).to(device)
+
+
+def selection_part(workload, shape: VideoShape, calibration_steps: tuple, log) -> list:
+    """Rows {calibrated at, setting, noise, kept, rel_l2} for every layer kind, averaged over layers."""
+    steps = workload.config.steps
+    measured = {name: max(1, round(f * steps)) for name, f in NOISE_POINTS.items()}
+    settings = selection_settings()
+    call_extra = workload.call_kwargs()
+    rows = {}
+    for warmup in calibration_steps:
+        for layer in range(workload.config.layers):
+            config = load_preset(shape.preset, warmup_steps=warmup, dense_layer_fraction=0.0, min_tokens=0)
+            runner = SparseAttention(config, RunCache())
+            runner.cache.start_run(steps)
+            video = runner._video_slice(workload.tokens, CallInfo(0, 0, steps, (0,), **call_extra))
+            for step in range(warmup - 1, max(measured.values()) + 1):
+                q, k, v = workload.qkv(layer, step)
+                qv, kv, vv = q[:, :, video], k[:, :, video], v[:, :, video]
+                call = CallInfo(layer, step, steps, (0,), **call_extra)
+                if step == warmup - 1:
+                    runner.calibrate(qv, kv, call)
+                    continue
+                qc, kc = runner.cluster(qv, kv, call)
+                for noise, at in measured.items():
+                    if at != step:
+                        continue
+                    dense = kernels.dense_attention(qv, kv, vv)
+                    for name, sel in settings.items():
+                        layout = selection.build_layout(qv, kv, qc, kc, sel)
+                        out = kernels.execute_layout(qv, kv, vv, layout)
+                        kept = float(selection.kept_fraction(layout, qc.labels, kc.labels).mean())
+                        rows.setdefault((warmup, name, noise), []).append((kept, relative_l2(out, dense)))
+            runner.cache.release()
+            log(f"selection: calibrated at step {warmup - 1}, layer {layer} ({workload.layer_kinds[layer]}) done")
+    return [{"calibrated_at_step": w, "setting": name, "noise": noise, "step": measured[noise],
+             "kept": statistics.fmean(r[0] for r in values), "rel_l2": statistics.fmean(r[1] for r in values)}
+            for (w, name, noise), values in rows.items()]
+
+
+def schedule_part(workload, shape: VideoShape, log, variants: Optional[dict] = None) -> list:
+    """Whole runs over the schedule: one row per variant."""
+    steps = workload.config.steps
+    call_extra = workload.call_kwargs()
+    results = []
+    for name, overrides in (variants or schedule_variants(shape.preset)).items():
+        config = load_preset(shape.preset, min_tokens=0, **overrides)
+        cache = RunCache()
+        cache.start_run(steps)
+        runner = SparseAttention(config, cache)
+        errors, sparse_errors, work, per_step = [], [], [], {}
+        started = time.time()
+        for step in range(steps):
+            for layer in range(workload.config.layers):
+                q, k, v = workload.qkv(layer, step)
+                dense_out = kernels.dense_attention(q, k, v)
+                call = CallInfo(layer, step, steps, (0,), **call_extra)
+                before = len(cache.records)
+                out = runner(q, k, v, call, dense=lambda: dense_out)
+                record = cache.records[before]
+                error = relative_l2(out, dense_out) if record.sparse else 0.0
+                kept = float(record.kept.float().mean()) if record.sparse else 1.0
+                errors.append(error)
+                work.append(kept)
+                if record.sparse:
+                    sparse_errors.append(error)
+                per_step.setdefault(step, []).append((error, kept))
+        row = {"variant": name, "overrides": overrides, "warmup_steps": config.warmup_steps,
+               "mean_rel_l2": statistics.fmean(errors),
+               "sparse_rel_l2": statistics.fmean(sparse_errors) if sparse_errors else None,
+               "attention_work": statistics.fmean(work),
+               "sparse_kept": statistics.fmean(w for w, e in zip(work, errors) if w < 1.0) if sparse_errors else None,
+               "dense_layers": sorted(cache.dense_layers or []),
+               "per_step": {s: {"rel_l2": statistics.fmean(e for e, _ in v), "kept": statistics.fmean(k for _, k in v)}
+                            for s, v in per_step.items()},
+               "seconds": time.time() - started}
+        cache.release()
+        log(f"schedule: {name}: mean error {row['mean_rel_l2']:.4f}, work {row['attention_work']:.3f}")
+        results.append(row)
+    return results
+
+
+def format_tables(selection_rows: list, schedule_rows: list) -> str:
+    lines = ["selection (every layer sparse): kept / rel L2 at high, middle, low noise"]
+    by_setting = {}
+    for r in selection_rows:
+        by_setting.setdefault((r["calibrated_at_step"], r["setting"]), {})[r["noise"]] = r
+    lines.append("| calibrated at | selection | " + " | ".join(NOISE_POINTS) + " | mean |")
+    lines.append("|---|---|" + "---|" * (len(NOISE_POINTS) + 1))
+    for (w, name), cells in by_setting.items():
+        vals = [cells[n] for n in NOISE_POINTS if n in cells]
+        mean_kept = statistics.fmean(c["kept"] for c in vals)
+        mean_err = statistics.fmean(c["rel_l2"] for c in vals)
+        lines.append(f"| step {w - 1} | {name} | " + " | ".join(
+            f"{100 * cells[n]['kept']:.1f}% / {cells[n]['rel_l2']:.4f}" if n in cells else "-" for n in NOISE_POINTS)
+            + f" | {100 * mean_kept:.1f}% / {mean_err:.4f} |")
+    lines.append("")
+    lines.append("schedule (whole runs): error over all calls, error of sparse calls, attention work, kept of sparse calls")
+    lines.append("| variant | warm-up | mean rel L2 | sparse rel L2 | attention work | sparse kept | dense layers |")
+    lines.append("|---|---|---|---|---|---|---|")
+    fmt = lambda x, p=4: "-" if x is None else f"{x:.{p}f}"  # noqa: E731
+    for r in schedule_rows:
+        lines.append(f"| {r['variant']} | {r['warmup_steps']} | {fmt(r['mean_rel_l2'])} | {fmt(r['sparse_rel_l2'])} | "
+                     f"{100 * r['attention_work']:.1f}% | {fmt(r['sparse_kept'] and 100 * r['sparse_kept'], 1)}% | "
+                     f"{r['dense_layers']} |")
+    return "\n".join(lines)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="adacluster-budget-study", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--shape", choices=list(SHAPES), default="small",
+                        help="token grid, heads and head dim of the workload (default: small, for a CPU)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                        help="where the workload and the attention run (default: cuda when available)")
+    parser.add_argument("--layers", type=int, default=10, help="layers of the workload, 1-64 (default 10)")
+    parser.add_argument("--steps", type=int, default=50, help="sampler steps of the schedule, 10-200 (default 50)")
+    parser.add_argument("--parts", nargs="+", choices=("selection", "schedule"), default=["selection", "schedule"])
+    parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--out", default="budget_study.json", help="JSON file written at the end")
+    return parser
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not 1 <= args.layers <= 64:
+        parser.error(f"--layers must be in [1, 64], got {args.layers}")
+    if not 10 <= args.steps <= 200:
+        parser.error(f"--steps must be in [10, 200], got {args.steps}")
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        parser.error(f"--device {args.device}: no CUDA GPU is available")
+    shape = SHAPES[args.shape]
+    log = lambda text: print(text, file=sys.stderr, flush=True)  # noqa: E731
+    workload = _workload(shape, args.layers, args.steps, args.seed, args.device)
+    log(f"workload: {workload.describe()}")
+    selection_rows = selection_part(workload, shape, (3, 10), log) if "selection" in args.parts else []
+    schedule_rows = schedule_part(workload, shape, log) if "schedule" in args.parts else []
+    print(format_tables(selection_rows, schedule_rows))
+    with open(args.out, "w") as handle:
+        json.dump({"shape": args.shape, "workload": workload.describe(), "device": args.device,
+                   "selection": selection_rows, "schedule": schedule_rows}, handle, indent=1)
+    print(f"\nwrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
