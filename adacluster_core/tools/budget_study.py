@@ -52,15 +52,21 @@ def selection_settings() -> dict:
 
 def schedule_variants(preset: str) -> dict:
     """Name -> config overrides of whole-run variants (on top of the family preset)."""
+    topk16 = {"count": "topk", "top_k": 16}
+    mass = {"count": "mass", "top_p": 0.8, "min_clusters": 4, "max_clusters": 24}
     return {
         "preset as shipped": {},
-        "warm-up 10, top-k 16, dense 15% by cluster count": {"warmup_steps": 10, "recipe": "hybrid",
-                                                             "dense_error_threshold": 0.0},
-        "warm-up 3": {"warmup_steps": 3},
-        "warm-up 5": {"warmup_steps": 5},
-        "warm-up 3, no dense layers": {"warmup_steps": 3, "dense_layer_fraction": 0.0},
-        "warm-up 3, published schedule budget (top-k 16)": {"warmup_steps": 3, "recipe": "hybrid",
-                                                            "selection": {"count": "topk"}},
+        "before: warm-up 10, top-k 16, dense 15% by clusters": {"warmup_steps": 10, "dense_layers_by": "clusters",
+                                                                "selection": topk16},
+        "warm-up 10, top-k 16, dense by error": {"warmup_steps": 10, "selection": topk16},
+        "warm-up 3, top-k 16, dense by error": {"warmup_steps": 3, "selection": topk16},
+        "warm-up 3, top-k 8, dense by error": {"warmup_steps": 3, "selection": {"count": "topk", "top_k": 8}},
+        "warm-up 3, mass 0.8 [4, 24], dense by error": {"warmup_steps": 3, "selection": mass},
+        "warm-up 5, mass 0.8 [4, 24], dense by error": {"warmup_steps": 5, "selection": mass},
+        "warm-up 3, mass 0.8 [4, 24], no dense layers": {"warmup_steps": 3, "selection": mass,
+                                                          "dense_layer_fraction": 0.0},
+        "warm-up 3, mass 0.8 [4, 24], dense 15% by clusters": {"warmup_steps": 3, "selection": mass,
+                                                                "dense_layers_by": "clusters"},
     }
 
 
@@ -140,6 +146,7 @@ def schedule_part(workload, shape: VideoShape, log, variants: Optional[dict] = N
                "attention_work": statistics.fmean(work),
                "sparse_kept": statistics.fmean(w for w, e in zip(work, errors) if w < 1.0) if sparse_errors else None,
                "dense_layers": sorted(cache.dense_layers or []),
+               "calibration_errors": cache.calibration_errors(),
                "per_step": {s: {"rel_l2": statistics.fmean(e for e, _ in v), "kept": statistics.fmean(k for _, k in v)}
                             for s, v in per_step.items()},
                "seconds": time.time() - started}
