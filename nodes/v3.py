@@ -7,7 +7,7 @@ import json
 from comfy_api.latest import ComfyExtension, io
 
 from . import common
-from .widgets import SAVE_PROFILE_WIDGET, TOP_K_FROM_SELECTION, WIDGETS, Widget
+from .widgets import REPORT_WIDGETS, SAVE_PROFILE_WIDGET, WIDGETS, Widget, custom_validator
 
 _V3_TYPES = {"FLOAT": io.Float, "INT": io.Int, "COMBO": io.Combo, "BOOLEAN": io.Boolean, "STRING": io.String}
 
@@ -27,7 +27,7 @@ def _input(w: Widget):
     if w.kind in ("FLOAT", "INT"):
         kwargs.update(min=w.minimum, max=w.maximum, step=w.step)
     if w.kind == "COMBO":
-        kwargs["options"] = list(w.options)
+        kwargs["options"] = w.option_list()
     if w.kind == "STRING":
         kwargs["multiline"] = False
     return cls(w.name, **_supported(cls.__init__, kwargs))
@@ -51,13 +51,7 @@ class AdaClusterSparseAttention(io.ComfyNode):
             outputs=[io.Model.Output(display_name="model", tooltip="The model with AdaCluster self-attention.")],
         )
 
-    @classmethod
-    def validate_inputs(cls, initial_top_k=100, top_k_clusters=TOP_K_FROM_SELECTION, selection="hybrid",
-                        calibration_profile=""):
-        # Only the values with cross-field rules or files are checked here; ComfyUI checks the ranges of
-        # the other widgets itself.
-        return common.validation_error({"initial_top_k": initial_top_k, "top_k_clusters": top_k_clusters,
-                                        "selection": selection, "calibration_profile": calibration_profile}) or True
+    # No validate_inputs: every widget's range and choices are checked by ComfyUI itself (widgets.py).
 
     @classmethod
     def execute(cls, model, **values) -> io.NodeOutput:
@@ -88,6 +82,11 @@ class AdaClusterReport(io.ComfyNode):
         )
 
     @classmethod
+    def validate_inputs(cls, save_profile=""):
+        # Takes only save_profile, so ComfyUI reports a bad name once, under that input.
+        return common.validation_error(SAVE_PROFILE_WIDGET, save_profile) or True
+
+    @classmethod
     def fingerprint_inputs(cls, model, samples, save_profile=""):
         return float("nan")  # always re-read: the statistics belong to the latest run
 
@@ -95,6 +94,9 @@ class AdaClusterReport(io.ComfyNode):
     def execute(cls, model, samples, save_profile="") -> io.NodeOutput:
         text, image, data = common.report_outputs(model, save_profile)
         return io.NodeOutput(text, image, ui={"text": (text,), "adacluster_report": (json.dumps(data),)})
+
+
+assert custom_validator(WIDGETS) is None and custom_validator(REPORT_WIDGETS) is SAVE_PROFILE_WIDGET
 
 
 class AdaClusterExtension(ComfyExtension):
