@@ -4,7 +4,8 @@ from __future__ import annotations
 import json
 
 from . import common
-from .widgets import REPORT_WIDGETS, SAVE_PROFILE_WIDGET, WIDGETS, Widget, custom_validator
+from .widgets import (NO_PROFILE, REPORT_WIDGETS, SAVE_PROFILE_WIDGET, WIDGETS, WIDGETS_BY_NAME, Widget,
+                      custom_validator)
 
 
 def _input_spec(w: Widget):
@@ -18,6 +19,9 @@ def _input_spec(w: Widget):
     if w.kind == "STRING":
         info["multiline"] = False
     return (w.kind, info)
+
+
+PROFILE_WIDGET = WIDGETS_BY_NAME["calibration_profile"]
 
 
 class AdaClusterSparseAttentionV1:
@@ -38,7 +42,10 @@ class AdaClusterSparseAttentionV1:
             (optional if w.optional else required)[w.name] = _input_spec(w)
         return {"required": required, "optional": optional}
 
-    # No VALIDATE_INPUTS: every widget's range and choices are checked by ComfyUI itself (widgets.py).
+    @classmethod
+    def VALIDATE_INPUTS(cls, calibration_profile=NO_PROFILE):
+        # Takes only calibration_profile (ComfyUI checks every other range and choice): one error, under it.
+        return common.validation_error(PROFILE_WIDGET, calibration_profile) or True
 
     def patch(self, model, **values):
         return (common.apply_patch(model, **values),)
@@ -74,7 +81,7 @@ class AdaClusterReportV1:
         return {"ui": {"text": (text,), "adacluster_report": (json.dumps(data),)}, "result": (text, image)}
 
 
-assert custom_validator(WIDGETS) is None and custom_validator(REPORT_WIDGETS) is SAVE_PROFILE_WIDGET
+assert custom_validator(WIDGETS) is PROFILE_WIDGET and custom_validator(REPORT_WIDGETS) is SAVE_PROFILE_WIDGET
 
 NODE_CLASS_MAPPINGS = {
     common.APPLY_NODE_ID: AdaClusterSparseAttentionV1,

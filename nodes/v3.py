@@ -7,7 +7,8 @@ import json
 from comfy_api.latest import ComfyExtension, io
 
 from . import common
-from .widgets import REPORT_WIDGETS, SAVE_PROFILE_WIDGET, WIDGETS, Widget, custom_validator
+from .widgets import (NO_PROFILE, REPORT_WIDGETS, SAVE_PROFILE_WIDGET, WIDGETS, WIDGETS_BY_NAME, Widget,
+                      custom_validator)
 
 _V3_TYPES = {"FLOAT": io.Float, "INT": io.Int, "COMBO": io.Combo, "BOOLEAN": io.Boolean, "STRING": io.String}
 
@@ -37,6 +38,9 @@ def _schema(**kwargs):
     return io.Schema(**_supported(io.Schema, kwargs))
 
 
+PROFILE_WIDGET = WIDGETS_BY_NAME["calibration_profile"]
+
+
 class AdaClusterSparseAttention(io.ComfyNode):
     @classmethod
     def define_schema(cls):
@@ -51,7 +55,10 @@ class AdaClusterSparseAttention(io.ComfyNode):
             outputs=[io.Model.Output(display_name="model", tooltip="The model with AdaCluster self-attention.")],
         )
 
-    # No validate_inputs: every widget's range and choices are checked by ComfyUI itself (widgets.py).
+    @classmethod
+    def validate_inputs(cls, calibration_profile=NO_PROFILE):
+        # Takes only calibration_profile (ComfyUI checks every other range and choice): one error, under it.
+        return common.validation_error(PROFILE_WIDGET, calibration_profile) or True
 
     @classmethod
     def execute(cls, model, **values) -> io.NodeOutput:
@@ -96,7 +103,7 @@ class AdaClusterReport(io.ComfyNode):
         return io.NodeOutput(text, image, ui={"text": (text,), "adacluster_report": (json.dumps(data),)})
 
 
-assert custom_validator(WIDGETS) is None and custom_validator(REPORT_WIDGETS) is SAVE_PROFILE_WIDGET
+assert custom_validator(WIDGETS) is PROFILE_WIDGET and custom_validator(REPORT_WIDGETS) is SAVE_PROFILE_WIDGET
 
 
 class AdaClusterExtension(ComfyExtension):

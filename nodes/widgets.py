@@ -5,9 +5,11 @@ How validation works (the same for every node of the pack):
 * every range and every choice is a widget property (min/max, combo options), so ComfyUI checks it itself
   when a prompt is queued and reports one error under the widget that is wrong;
 * each widget's range is what is really accepted: no widget value is refused because of another widget;
-* a check ComfyUI cannot express (a plain file name) is a widget's ``check``; a node has at most one such
-  widget, because ComfyUI repeats a custom validator's error under every input the validator takes
-  (``custom_validator`` builds it);
+* a check ComfyUI does not do is a widget's ``check`` (a plain file name; a profile among the listed ones,
+  since ComfyUI 0.3.64 does not check V3 combo options); a node has at most one such widget, because
+  ComfyUI repeats a custom validator's error under every input the validator takes (``custom_validator``);
+* on ComfyUI 0.3.64 the other V3 combos (preset, selection) are checked when the node runs, with the
+  same message naming the widget;
 * combo options list the default first (``Widget`` refuses anything else), since clients take the first
   option as the default.
 """
@@ -97,7 +99,7 @@ WIDGETS: tuple = (
            "Report node from an earlier run of the same model, resolution and length: skips the key clustering "
            "calibration. Lists the profiles in models/adacluster_profiles (and extra model paths registered for "
            "adacluster_profiles); empty = none.", "calibration profile", advanced=True, optional=True,
-           choices=lambda: _profile_names()),
+           choices=lambda: _profile_names(), check=lambda value: _profile_check(value)),
 )
 WIDGETS_BY_NAME = {w.name: w for w in WIDGETS}
 
@@ -118,6 +120,14 @@ def _profile_names() -> tuple:
     return tuple(profile_names())
 
 
+def _profile_check(value) -> Optional[str]:
+    # Checked by the node itself: ComfyUI 0.3.64 does not check the options of V3 combo inputs.
+    if value == NO_PROFILE or value in _profile_names():
+        return None
+    return (f"{value!r} is not a calibration profile in the adacluster_profiles folder; choose one of the "
+            "listed profiles or leave it empty")
+
+
 def custom_validator(widgets: tuple) -> Optional[Widget]:
     """The one widget of a node's table that needs a check ComfyUI cannot do itself (None: no such widget).
 
@@ -131,6 +141,9 @@ def custom_validator(widgets: tuple) -> Optional[Widget]:
 
 def check_value(w: Widget, value: Any) -> Optional[str]:
     """An error message for ``value`` of widget ``w`` (its kind, range, choices and check), or None."""
+    if w.kind == "COMBO" and w.check is not None:
+        problem = w.check(value)
+        return f"{w.name} = {problem}" if problem else None
     if w.kind == "COMBO":
         options = w.option_list()
         if value not in options:

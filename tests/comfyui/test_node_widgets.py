@@ -73,7 +73,7 @@ def test_every_combo_lists_its_default_first():
 
 def test_a_node_has_at_most_one_custom_checked_widget():
     # ComfyUI repeats a custom validator's error under every input it takes: one checked widget per node.
-    assert widgets.custom_validator(widgets.WIDGETS) is None
+    assert widgets.custom_validator(widgets.WIDGETS) is widgets.WIDGETS_BY_NAME["calibration_profile"]
     assert widgets.custom_validator(widgets.REPORT_WIDGETS) is widgets.SAVE_PROFILE_WIDGET
     checked = widgets.Widget("a", "STRING", "", "tip", "a", check=lambda v: None)
     with pytest.raises(ValueError, match="custom check"):
@@ -96,7 +96,10 @@ def test_node_validators_take_exactly_one_input():
 
     from comfyui_adacluster.nodes.v1 import AdaClusterReportV1, AdaClusterSparseAttentionV1
 
-    assert not hasattr(AdaClusterSparseAttentionV1, "VALIDATE_INPUTS")
+    assert list(inspect.signature(AdaClusterSparseAttentionV1.VALIDATE_INPUTS).parameters) == ["calibration_profile"]
+    assert AdaClusterSparseAttentionV1.VALIDATE_INPUTS("") is True
+    message = AdaClusterSparseAttentionV1.VALIDATE_INPUTS("../../etc/passwd")
+    assert message.startswith("calibration_profile = '../../etc/passwd' is not a calibration profile"), message
     assert list(inspect.signature(AdaClusterReportV1.VALIDATE_INPUTS).parameters) == ["save_profile"]
     assert AdaClusterReportV1.VALIDATE_INPUTS("../evil").startswith("save_profile: ")
     assert AdaClusterReportV1.VALIDATE_INPUTS("fine") is True
