@@ -10,7 +10,7 @@ import torch
 
 from ..adacluster_core.config import ConfigError
 from . import profile_folder
-from .widgets import PRESET_AUTO, WIDGETS, check_value, config_from_widgets
+from .widgets import PRESET_AUTO, WIDGETS, config_from_widgets
 
 log = logging.getLogger(__name__)
 
@@ -33,8 +33,10 @@ SEARCH_ALIASES = ["sparse attention", "adacluster", "clustered attention", "vide
 
 
 def validation_error(widget, value) -> Optional[str]:
-    """The message of a node's single custom-checked widget (see widgets.custom_validator), or None."""
-    return check_value(widget, value)
+    """The problem with the value of a node's one custom-checked widget (widgets.custom_validator), or None.
+
+    ComfyUI shows it as "<input name> - <problem>" under that input, so the name is not repeated here."""
+    return widget.check(value)
 
 
 def apply_patch(model, preset: str = PRESET_AUTO, verbose: bool = False, calibration_profile: str = "",

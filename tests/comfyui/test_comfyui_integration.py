@@ -210,7 +210,9 @@ def test_profile_names_outside_the_folder_are_refused_and_nothing_is_written(com
     assert status == 400, body
     errors = body["node_errors"]["8"]["errors"]
     assert len(errors) == 1 and errors[0]["extra_info"]["input_name"] == "save_profile", errors
-    assert "plain file name" in json.dumps(errors)
+    from comfyui_adacluster.adacluster_core.profiles import check_profile_name
+
+    assert errors[0]["details"] == f"save_profile - {check_profile_name(name)}"  # the README shows this message
     assert not Path("/tmp/adacluster_abs_profile.safetensors").exists()
     after = {p for p in comfy.base.rglob("*") if p.is_file()}
     assert not [p for p in after - before if p.suffix == ".safetensors"], after - before

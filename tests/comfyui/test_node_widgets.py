@@ -99,9 +99,9 @@ def test_node_validators_take_exactly_one_input():
     assert list(inspect.signature(AdaClusterSparseAttentionV1.VALIDATE_INPUTS).parameters) == ["calibration_profile"]
     assert AdaClusterSparseAttentionV1.VALIDATE_INPUTS("") is True
     message = AdaClusterSparseAttentionV1.VALIDATE_INPUTS("../../etc/passwd")
-    assert message.startswith("calibration_profile = '../../etc/passwd' is not a calibration profile"), message
+    assert message.startswith("'../../etc/passwd' is not a calibration profile in the adacluster_profiles"), message
     assert list(inspect.signature(AdaClusterReportV1.VALIDATE_INPUTS).parameters) == ["save_profile"]
-    assert AdaClusterReportV1.VALIDATE_INPUTS("../evil").startswith("save_profile: ")
+    assert AdaClusterReportV1.VALIDATE_INPUTS("../evil").startswith("'../evil' is not a plain file name")
     assert AdaClusterReportV1.VALIDATE_INPUTS("fine") is True
 
 
