@@ -87,3 +87,12 @@ def test_every_example_workflow_has_a_same_named_thumbnail():
             assert image.format == "PNG" and 256 <= image.width <= 1024 and image.height >= 192
             assert len(image.convert("RGB").getcolors(maxcolors=1 << 16) or []) > 16  # a drawn card, not blank
     assert sorted(p.stem for p in (PACK / "workflows").glob("*.png")) == [p.stem for p in workflows]
+
+
+def test_no_docstring_cites_files_users_do_not_have():
+    for path in PACK.rglob("*.py"):
+        if ".venv" in path.parts or "tests" in path.relative_to(PACK).parts[:1]:
+            continue
+        text = path.read_text()
+        for name in ("ALGORITHMS.md", "PERFORMANCE.md", "DESIGN.md", "COMFYUI.md"):
+            assert name not in text, f"{path.relative_to(PACK)} cites {name}"
