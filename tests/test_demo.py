@@ -148,3 +148,17 @@ def test_sol_routing_reproduces_sol_attn_exact_branch():
     theirs = sol(q.transpose(1, 2).contiguous(), k.transpose(1, 2).contiguous(), v.transpose(1, 2).contiguous(),
                  tau=1.0, tail=False).transpose(1, 2)
     assert float((mine - theirs).norm() / theirs.norm()) < 1e-4
+
+
+def test_readme_shows_the_table_and_notes_as_printed():
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    dense = demo.MethodResult("dense", "torch SDPA", calls=[demo.CallResult(0, 1, False, 1.0, 0.0, 1.0, 2.0)])
+    header = demo.format_table({"dense": dense}).splitlines()[0]
+    shown = [line for line in readme.splitlines() if line.startswith("method  ")]
+    assert shown and shown[0].split("  ") and shown[0].split() == header.split()
+    assert demo.TIMING_NOTE.format(threads=1) in readme
+    missing = demo.MethodResult("sol-attn (tau 1)", demo.default_methods(1)[-1].note, available=False)
+    if demo.sol_attn_function() is None:
+        assert demo.format_table({"sol": missing}).splitlines()[-1] in readme

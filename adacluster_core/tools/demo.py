@@ -401,7 +401,7 @@ def format_table(results: dict) -> str:
                      f"{100 * s['kept_mass']:.1f}%", f"{s['time_ms_per_call']:.0f}",
                      "-" if not math.isfinite(share) or share == 0 else f"{100 * share:.0f}%", s["note"]))
     widths = [max(len(str(r[i])) for r in rows + [header]) for i in range(len(header))]
-    line = lambda r: "  ".join(str(c).ljust(w) for c, w in zip(r, widths))  # noqa: E731
+    line = lambda r: "  ".join(str(c).ljust(w) for c, w in zip(r, widths)).rstrip()  # noqa: E731
     return "\n".join([line(header), line(tuple("-" * w for w in widths))] + [line(r) for r in rows] + skipped)
 
 
@@ -459,6 +459,9 @@ def finite_json(value):
 
 
 # ---------------------------------------------------------------------------------------------- main
+TIMING_NOTE = ("ms/call: mean over the measured calls; a dense-layer call is charged the dense attention time of "
+               "that call. CPU times ({threads} thread(s)) come from the PyTorch reference executors (readable "
+               "oracles, not the fast kernels).")
 FLAG_OF_FIELD = {"steps": "--steps", "layers": "--layers", "frames": "--frames", "height": "--height",
                  "width": "--width", "heads": "--heads", "head_dim": "--head-dim", "text_len": "--text",
                  "seed": "--seed"}
@@ -602,9 +605,7 @@ def main(argv=None) -> int:
     print(f"measured over steps {args.warmup}..{cfg.steps - 1} (after {args.warmup} dense warm-up step(s)), "
           f"all layers; dense layers count as kept 100%, error 0{sol_text}")
     print(format_table(results))
-    print("ms/call: mean over the measured calls; a dense-layer call is charged the dense attention time of that "
-          f"call. CPU times ({torch.get_num_threads()} thread(s)) come from the PyTorch reference executors "
-          "(readable oracles, not the fast kernels).")
+    print(TIMING_NOTE.format(threads=torch.get_num_threads()))
     json_path, png_path = write_outputs(results, workload, args.out_dir,
                                         {"warmup_steps": args.warmup, "wall_seconds": elapsed})
     print(f"wrote {json_path} and {png_path}  ({elapsed:.0f} s)")
