@@ -16,10 +16,17 @@ from typing import Hashable, Optional
 
 import torch
 
+from .memory import persistent_copy, store
+
+_STATE_TENSORS = ("q_centroids", "k_centroids", "k_counts", "hard")
+
 
 @dataclass
 class BranchState:
-    """Clustering state of one (layer, branch)."""
+    """Clustering state of one (layer, branch).
+
+    Its tensors live across calls: every assignment goes through ``memory.store`` (written in place when
+    the shape is unchanged, else copied into memory allocated outside ComfyUI's allocation graph)."""
 
     q_centroids: torch.Tensor  # (H, Cq, d) unit rows (or raw, for the svg2 method)
     k_centroids: torch.Tensor  # (H, Ck, d), slots >= k_counts[h] unused
@@ -27,6 +34,11 @@ class BranchState:
     hard: torch.Tensor  # (H,) bool: head hard to compress
     tokens: int = 0  # video tokens seen at calibration
     calibration_error: Optional[torch.Tensor] = None  # () relative L2 of the sparse output at calibration
+
+    def __setattr__(self, name, value):
+        if name in _STATE_TENSORS and isinstance(value, torch.Tensor):
+            value = store(self.__dict__.get(name), value)
+        object.__setattr__(self, name, value)
 
     def tensors(self):
         return (self.q_centroids, self.k_centroids, self.k_counts, self.hard)
@@ -212,6 +224,11 @@ class RunCache:
         return {layer: float(torch.stack(errors).max()) for layer, errors in per_layer.items()}
 
     def record(self, rec: CallRecord) -> None:
+        """Keeps a call's statistics until the report (their tensors copied outside any allocation graph)."""
+        if rec.kept is not None:
+            rec.kept = persistent_copy(rec.kept)
+        if rec.key_counts is not None:
+            rec.key_counts = persistent_copy(rec.key_counts)
         self.records.append(rec)
 
     # ------------------------------------------------------------------ report

@@ -1,4 +1,4 @@
-"""Query and key clustering (ALGORITHMS.md 1.1, 1.2, 1.4).
+"""Query and key clustering.
 
 Queries: spherical k-means on unit-normalised queries with a fixed count. Keys: Euclidean k-means whose
 count is chosen per (layer, head) at calibration by the threshold-wise multi-stage procedure; later steps

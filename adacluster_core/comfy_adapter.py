@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import inspect
 import logging
+import math
 import threading
 import weakref
 from dataclasses import dataclass
@@ -152,8 +153,13 @@ class AdaClusterPatch:
         return func(q, k, v, heads, mask=mask, attn_precision=attn_precision, skip_reshape=skip_reshape,
                     skip_output_reshape=skip_output_reshape, **kwargs)
 
+    # No ``container_function`` attribute on purpose: ComfyUI then unwraps AttentionTensorContainer inputs
+    # into plain tensors before calling the override, and passes the backend as ``func``.
     def __call__(self, func, q, k, v, heads, mask=None, attn_precision=None, skip_reshape=False,
                  skip_output_reshape=False, **kwargs):
+        # Keyword arguments this adapter does not use (scale, enable_gqa, low_precision_attention,
+        # _inside_attn_wrapper, ...) reach the backend or the previous override unchanged, in ``kwargs``.
+        q, k, v = _tensor(q), _tensor(k), _tensor(v)
         args = (func, q, k, v, heads, mask, attn_precision, skip_reshape, skip_output_reshape, kwargs)
         if getattr(self._local, "busy", False):
             # Re-entered through an override chain that leads back here: run the backend itself.
@@ -196,7 +202,12 @@ class AdaClusterPatch:
         if scale is not None and abs(float(scale) - head_dim ** -0.5) > 1e-6:
             self._log_once(("scale", float(scale)), f"custom softmax scale {scale}; attention stays dense")
             return None
-        text_len = 0
+        text_len, text_first = 0, self.family.text_first
+        if self.family.name == "wan":
+            layout = self._wan_layout(n_q, options, state)
+            if layout is None:
+                return None
+            text_len, text_first = layout
         if self.family.joint_text:
             text_len = state["text_len"] if state["text_len"] is not None else n_q - state["video_tokens"]
             if not 0 <= text_len < n_q or (state["video_tokens"] > 0 and n_q - text_len != state["video_tokens"]):
@@ -210,7 +221,33 @@ class AdaClusterPatch:
                            "attention stays dense")
             return None
         return CallInfo(layer=layer, step=state["step"], total_steps=state["total_steps"], branches=branches,
-                        text_len=text_len, text_first=self.family.text_first, mask=_mask_4d(mask))
+                        text_len=text_len, text_first=text_first, mask=_mask_4d(mask))
+
+    def _wan_layout(self, n: int, options, state) -> Optional[tuple]:
+        """(extra tokens, extra tokens first) of a Wan self-attention sequence, None when it must stay dense.
+
+        The video tokens are the grid's (``grid_sizes``, else the patched latent). A prepended reference latent
+        or appended in-context latents are extra tokens, kept for every query like a text sink, when they
+        are all on one side; a sequence of any other length is not clustered."""
+        grid = _grid_tokens(options.get("grid_sizes"))
+        video = grid if grid is not None else state["video_tokens"]
+        first, last = state.get("extra_first", 0), state.get("extra_last", 0)
+        if n == video:
+            return 0, False
+        if first is None:
+            self._log_once(("extra-ref", n), f"sequence of {n} tokens with a reference latent of unknown layout; "
+                           "attention stays dense")
+            return None
+        if n == video + first + last and first and last:
+            self._log_once(("extra-both", n), f"sequence of {n} tokens: {video} video tokens with a reference latent "
+                           f"before them ({first} tokens) and context latents after them ({last} tokens); "
+                           "attention stays dense")
+            return None
+        if n == video + first + last:
+            return first + last, bool(first)
+        self._log_once(("extra-unknown", n), f"sequence of {n} tokens does not match the {video} video tokens of "
+                       f"the grid; attention stays dense")
+        return None
 
     def _layer(self, options) -> Optional[int]:
         if LAYER_KEY in options:
@@ -261,10 +298,15 @@ class AdaClusterPatch:
             ref = _bound_argument(executor, args, kwargs, "ref_latent")
             if isinstance(ref, torch.Tensor):
                 video_tokens += video_token_count(ref, self.family.patch_size)
+        extra_first = extra_last = 0
+        if self.family.name == "wan":
+            extra_first, extra_last = _wan_extra_tokens(getattr(executor, "class_obj", None), kwargs,
+                                                        self.family.patch_size)
         options[CALL_KEY] = {
             "patch": self, "count": 0, "step": step, "total_steps": len(self._run_sigmas) - 1,
             "branches": branch_keys(x.shape[0], options.get("cond_or_uncond"), options.get("uuids")),
-            "text_len": text_len, "video_tokens": video_tokens,
+            "text_len": text_len, "video_tokens": video_tokens, "extra_first": extra_first,
+            "extra_last": extra_last,
         }
         try:
             return executor(*args, **kwargs)
@@ -322,6 +364,38 @@ class AdaClusterPatch:
         return {"label": self.label, "family": self.family.name, "active": self.cache.active,
                 "cache_bytes": self.cache.memory_bytes(), "cached_states": len(self.cache.states),
                 "last_error": self.last_error}
+
+
+def _tensor(t):
+    """A plain tensor from q/k/v that may arrive as ComfyUI's AttentionTensorContainer (taken: it is single-use)."""
+    if isinstance(t, torch.Tensor) or not hasattr(t, "take"):
+        return t
+    return t.take()
+
+
+def _grid_tokens(grid) -> Optional[int]:
+    """Tokens of Wan's ``grid_sizes`` (frames, height, width after patching), None when absent or unreadable."""
+    if grid is None:
+        return None
+    values = grid.reshape(-1).tolist() if isinstance(grid, torch.Tensor) else list(grid)
+    if len(values) < 3 or len(values) % 3:
+        return None
+    return math.prod(int(x) for x in values[:3])
+
+
+def _wan_extra_tokens(dm, kwargs, patch) -> tuple:  # (Optional[int], int)
+    """(tokens before, tokens after) the video tokens in Wan's self-attention: a reference latent that the
+    model's ref_conv prepends, and in-context latents ("Bernini") appended after the video."""
+    before = after = 0
+    ref = kwargs.get("reference_latent")
+    if isinstance(ref, torch.Tensor) and getattr(dm, "ref_conv", None) is not None:
+        if ref.ndim == 4:  # 2-D convolution with the spatial patch as kernel and stride
+            before = (ref.shape[-2] // patch[1]) * (ref.shape[-1] // patch[2])
+        else:
+            before = None  # a layout this adapter does not know: such a sequence stays dense
+    for latent in kwargs.get("context_latents") or ():
+        after += video_token_count(latent, patch) if isinstance(latent, torch.Tensor) else 0
+    return before, after
 
 
 def _bound_argument(executor, args, kwargs, name):

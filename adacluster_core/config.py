@@ -19,9 +19,29 @@ class ConfigError(ValueError):
     """A configuration value is out of range or unknown; the message names it."""
 
 
+def _choice(name: str, value: Any, allowed: tuple) -> None:
+    if value not in allowed:
+        raise ConfigError(f"{name} = {value!r} is not one of {', '.join(map(repr, allowed))}")
+
+
+def _int_range(name: str, value: Any, low: int, high: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        raise ConfigError(f"{name} = {value!r} is out of range: expected an integer in [{low}, {high}]")
+
+
+def _float_range(name: str, value: Any, low: float, high: float, low_open: bool = False) -> None:
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    ok = ok and (low < value if low_open else low <= value) and value <= high
+    if not ok:
+        bracket = "(" if low_open else "["
+        raise ConfigError(f"{name} = {value!r} is out of range: expected a number in {bracket}{low}, {high}]")
+
+
 @dataclass(frozen=True)
 class SelectionConfig:
-    """How key clusters are chosen per query cluster (ALGORITHMS.md 1.3 / 1.3a)."""
+    """How key clusters are chosen per query cluster (README, "Selection recipes").
+
+    Every instance is validated when it is built; a bad value raises ConfigError naming it."""
 
     score: str = "centroid"  # "quest" (TensorQuest bound), "centroid" (size-weighted estimate), "blend"
     blend_weight: float = 0.5  # weight of the TensorQuest bound in "blend"
@@ -35,13 +55,33 @@ class SelectionConfig:
     local_block: int = 64  # each query's own block in original order; 0 = off
     own_clusters: bool = True  # always keep the key clusters that hold the query cluster's own tokens
 
+    def __post_init__(self):
+        self.validate()
+
+    def validate(self) -> "SelectionConfig":
+        _choice("selection.score", self.score, ("quest", "centroid", "blend"))
+        _float_range("selection.blend_weight", self.blend_weight, 0.0, 1.0)
+        _choice("selection.count", self.count, ("topk", "mass"))
+        # A Top-K at or above a layer's key cluster count keeps every cluster of that layer.
+        _int_range("selection.top_k", self.top_k, 1, 4096)
+        _float_range("selection.top_p", self.top_p, 0.0, 1.0, low_open=True)
+        _int_range("selection.min_clusters", self.min_clusters, 0, 4096)
+        _int_range("selection.max_clusters", self.max_clusters, 0, 4096)
+        _float_range("selection.min_kept_fraction", self.min_kept_fraction, 0.0, 1.0)
+        _int_range("selection.local_block", self.local_block, 0, 1 << 16)
+        for name in ("tail", "own_clusters"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"selection.{name} must be true or false, got {getattr(self, name)!r}")
+        return self
+
 
 # Named selection recipes. "paper" is AdaCluster as published; "svg2" uses SVG2's rule on both sides.
 # "hybrid" (the defaults above) measured the lowest error per kept fraction on the main command's workload
 # (see README, "Selection recipes").
+# The default recipe is listed first (menus built from this table show it first).
 SELECTION_RECIPES: dict[str, SelectionConfig] = {
-    "paper": SelectionConfig(score="quest", count="topk", top_k=64, tail=False, local_block=0, own_clusters=False),
     "hybrid": SelectionConfig(),
+    "paper": SelectionConfig(score="quest", count="topk", top_k=64, tail=False, local_block=0, own_clusters=False),
     "svg2": SelectionConfig(score="centroid", count="mass", top_k=64, top_p=0.9, tail=False, local_block=0,
                             own_clusters=False, min_kept_fraction=0.0),
 }
@@ -72,6 +112,9 @@ class AdaClusterConfig:
     seed: int = 0
     selection: SelectionConfig = field(default_factory=SelectionConfig)
 
+    def __post_init__(self):
+        self.validate()  # built directly or through from_dict / replace: never an unchecked config
+
     def validate(self) -> "AdaClusterConfig":
         _choice("method", self.method, METHODS)
         _choice("recipe", self.recipe, tuple(SELECTION_RECIPES))
@@ -89,23 +132,9 @@ class AdaClusterConfig:
         _float_range("dense_error_threshold", self.dense_error_threshold, 0.0, 10.0)
         _int_range("warmup_steps", self.warmup_steps, 0, 10000)
         _int_range("min_tokens", self.min_tokens, 0, 1 << 30)
-        sel = self.selection
-        _choice("selection.score", sel.score, ("quest", "centroid", "blend"))
-        _float_range("selection.blend_weight", sel.blend_weight, 0.0, 1.0)
-        _choice("selection.count", sel.count, ("topk", "mass"))
-        _int_range("selection.top_k", sel.top_k, 1, 4096)
-        if sel.count == "topk" and self.method == "adacluster" and sel.top_k > self.initial_key_clusters * self.max_stages:
-            raise ConfigError(
-                f"selection.top_k = {sel.top_k} is larger than the most key clusters a layer can have "
-                f"(initial_key_clusters x max_stages = {self.initial_key_clusters * self.max_stages})")
-        _float_range("selection.top_p", sel.top_p, 0.0, 1.0, low_open=True)
-        _int_range("selection.min_clusters", sel.min_clusters, 0, 4096)
-        _int_range("selection.max_clusters", sel.max_clusters, 0, 4096)
-        _float_range("selection.min_kept_fraction", sel.min_kept_fraction, 0.0, 1.0)
-        _int_range("selection.local_block", sel.local_block, 0, 1 << 16)
-        for name in ("tail", "own_clusters"):
-            if not isinstance(getattr(sel, name), bool):
-                raise ConfigError(f"selection.{name} must be true or false, got {getattr(sel, name)!r}")
+        if not isinstance(self.selection, SelectionConfig):
+            raise ConfigError(f"selection must be a SelectionConfig, got {type(self.selection).__name__}")
+        self.selection.validate()
         return self
 
     def replace(self, **changes: Any) -> "AdaClusterConfig":
@@ -143,7 +172,7 @@ def from_dict(values: Mapping[str, Any]) -> AdaClusterConfig:
     _check_types(sel_changes, SelectionConfig, "selection.")
     top = {k: v for k, v in values.items() if not k.startswith("selection.")}
     _check_types(top, AdaClusterConfig, "")
-    return AdaClusterConfig(**top, selection=dataclasses.replace(selection, **sel_changes)).validate()
+    return AdaClusterConfig(**top, selection=dataclasses.replace(selection, **sel_changes))
 
 
 def load_preset(family: str, **overrides: Any) -> AdaClusterConfig:
@@ -185,21 +214,3 @@ def _check_types(values: Mapping[str, Any], cls, prefix: str) -> None:
             raise ConfigError(f"{prefix}{name} must be a number, got {value!r}")
         if expected is str and not isinstance(value, str):
             raise ConfigError(f"{prefix}{name} must be a string, got {value!r}")
-
-
-def _choice(name: str, value: Any, allowed: tuple) -> None:
-    if value not in allowed:
-        raise ConfigError(f"{name} = {value!r} is not one of {', '.join(map(repr, allowed))}")
-
-
-def _int_range(name: str, value: Any, low: int, high: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
-        raise ConfigError(f"{name} = {value!r} is out of range: expected an integer in [{low}, {high}]")
-
-
-def _float_range(name: str, value: Any, low: float, high: float, low_open: bool = False) -> None:
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-    ok = ok and (low < value if low_open else low <= value) and value <= high
-    if not ok:
-        bracket = "(" if low_open else "["
-        raise ConfigError(f"{name} = {value!r} is out of range: expected a number in {bracket}{low}, {high}]")

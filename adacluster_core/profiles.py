@@ -1,16 +1,28 @@
 """Calibration profiles: per-layer, per-head key cluster counts and the dense-layer set, saved with
-safetensors, so a repeated workflow can skip the multi-stage calibration."""
+safetensors, so a repeated workflow can skip the multi-stage calibration.
+
+Profiles live in profile folders (inside ComfyUI: ``models/adacluster_profiles`` and any extra model path
+registered for ``adacluster_profiles``). ``find_profile`` and ``save_profile_in`` never touch a file outside
+the folders they are given: a profile is named by its file name relative to a folder, a saved profile by a
+plain file name, and a file that is not a profile saved by this pack is never overwritten.
+"""
 from __future__ import annotations
 
+import os
+import re
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 
 from .config import ConfigError
 
 FORMAT = "adacluster-profile/1"
+FOLDER_NAME = "adacluster_profiles"  # ComfyUI folder_paths key and default folder under models/
+EXTENSION = ".safetensors"
+_PLAIN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 
 
 @dataclass
@@ -100,3 +112,93 @@ def load_profile(path) -> CalibrationProfile:
     layer_list = layers.tolist()
     return CalibrationProfile(layer_list, counts, frozenset(l for l, d in zip(layer_list, dense.tolist()) if d),
                               heads, tokens, meta.get("method", "adacluster"))
+
+
+# ---------------------------------------------------------------------------------------------- folders
+def check_profile_name(name: str) -> Optional[str]:
+    """Why ``name`` cannot name a profile to save (None when it can): a plain file name only."""
+    if not isinstance(name, str):
+        return f"the profile name must be text, got {name!r}"
+    stem = name[:-len(EXTENSION)] if name.endswith(EXTENSION) else name
+    if not _PLAIN_NAME.fullmatch(stem) or stem.endswith(".") or ".." in stem:
+        return (f"{name!r} is not a plain file name: use 1 to 128 letters, digits, '.', '_' or '-', starting "
+                f"with a letter or digit, without folders (the file goes into the {FOLDER_NAME} folder)")
+    return None
+
+
+def profile_file_name(name: str) -> str:
+    """The file name a save name stands for (``.safetensors`` added when missing)."""
+    return name if name.endswith(EXTENSION) else name + EXTENSION
+
+
+def list_profiles(folders: Sequence) -> list:
+    """Profile file names (relative to their folder, '/'-separated) in the given folders, sorted."""
+    names = set()
+    for folder in folders:
+        root = Path(folder)
+        if not root.is_dir():
+            continue
+        for path in root.rglob(f"*{EXTENSION}"):
+            relative = path.relative_to(root)
+            if path.is_file() and not any(part.startswith(".") for part in relative.parts):
+                names.add(relative.as_posix())
+    return sorted(names)
+
+
+def _inside(folder, relative: str) -> Optional[Path]:
+    """folder/relative when that path (not following a final symlink) stays inside folder, else None."""
+    root = os.path.abspath(folder)
+    path = os.path.abspath(os.path.join(root, relative))
+    if os.path.commonpath([root, path]) != root or path == root:
+        return None
+    return Path(path)
+
+
+def find_profile(folders: Sequence, name: str) -> Path:
+    """The file of the profile ``name`` (as listed by ``list_profiles``); ConfigError when there is none."""
+    if name in list_profiles(folders):
+        for folder in folders:
+            path = _inside(folder, name)
+            if path is not None and path.is_file():
+                return path
+    raise ConfigError(f"calibration profile {name!r} is not in the {FOLDER_NAME} folder "
+                      f"({', '.join(map(str, folders)) or 'none registered'})")
+
+
+def is_saved_profile(path) -> bool:
+    """True when ``path`` is a safetensors file written by ``save_profile`` (its format tag says so)."""
+    from safetensors import SafetensorError
+    from safetensors.torch import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            return (handle.metadata() or {}).get("format") == FORMAT
+    except (SafetensorError, OSError, ValueError, RuntimeError):
+        return False
+
+
+def save_profile_in(profile: CalibrationProfile, folder, name: str) -> Path:
+    """Saves ``profile`` as ``folder/<name>.safetensors``; returns the path.
+
+    ``name`` must be a plain file name. An existing file is replaced only when it is itself a saved profile;
+    ConfigError otherwise (nothing is written)."""
+    problem = check_profile_name(name)
+    if problem:
+        raise ConfigError(f"save calibration profile as: {problem}")
+    path = _inside(folder, profile_file_name(name))
+    if path is None:
+        raise ConfigError(f"save calibration profile as: {name!r} does not stay inside {folder}")
+    if path.is_symlink() or (path.exists() and not (path.is_file() and is_saved_profile(path))):
+        raise ConfigError(f"save calibration profile as: {path.name!r} already exists in {folder} and is not a "
+                          "calibration profile saved by this pack; it was not overwritten (choose another name)")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # Written next to the target and moved over it, so a failed save never leaves a half-written profile.
+    handle, temporary = tempfile.mkstemp(prefix=".adacluster-", suffix=EXTENSION, dir=str(path.parent))
+    os.close(handle)
+    try:
+        save_profile(profile, temporary)
+        os.replace(temporary, path)
+    finally:
+        if os.path.exists(temporary):
+            os.unlink(temporary)
+    return path

@@ -1,4 +1,4 @@
-"""Which sampler step a call belongs to, and what each step does (ALGORITHMS.md 1.4)."""
+"""Which sampler step a call belongs to, and what each step does."""
 from __future__ import annotations
 
 from enum import Enum

@@ -1,4 +1,4 @@
-"""Critical-cluster selection (ALGORITHMS.md 1.3 / 1.3a): from query and key clusters to a Layout.
+"""Critical-cluster selection: from query and key clusters to a Layout.
 
 Selection is made of parts, chosen by SelectionConfig:
 * score of key cluster j for query cluster i: the TensorQuest bound ("quest"), the size-weighted

@@ -1,4 +1,4 @@
-"""PyTorch references of the block passes that AdaSpa and MOD-DiT share (ALGORITHMS.md 2, 3).
+"""PyTorch references of the block passes that AdaSpa and MOD-DiT share.
 
 * ``attention_lse``: exact attention that also returns every query's natural-log log-sum-exp, over the
   video keys plus an optional always-kept text segment (with an additive bias, e.g. a padding mask).

@@ -9,7 +9,8 @@ from typing import Any, Optional
 import torch
 
 from ..adacluster_core.config import ConfigError
-from .widgets import PRESET_AUTO, WIDGETS, config_from_widgets, resolve_profile_path, validate_widgets
+from . import profile_folder
+from .widgets import PRESET_AUTO, WIDGETS, config_from_widgets
 
 log = logging.getLogger(__name__)
 
@@ -31,16 +32,11 @@ SEARCH_ALIASES = ["sparse attention", "adacluster", "clustered attention", "vide
                   "attention acceleration"]
 
 
-def models_dir() -> Optional[str]:
-    try:
-        import folder_paths
-    except ImportError:
-        return None
-    return getattr(folder_paths, "models_dir", None)
+def validation_error(widget, value) -> Optional[str]:
+    """The problem with the value of a node's one custom-checked widget (widgets.custom_validator), or None.
 
-
-def validation_error(values: dict) -> Optional[str]:
-    return validate_widgets(values, models_dir())
+    ComfyUI shows it as "<input name> - <problem>" under that input, so the name is not repeated here."""
+    return widget.check(value)
 
 
 def apply_patch(model, preset: str = PRESET_AUTO, verbose: bool = False, calibration_profile: str = "",
@@ -58,8 +54,8 @@ def apply_patch(model, preset: str = PRESET_AUTO, verbose: bool = False, calibra
         log.info("[AdaCluster] using the %s preset for a %s model", family_name, family.display)
     try:
         config = config_from_widgets(family_name, **settings)
-        path = resolve_profile_path(calibration_profile, models_dir())
-        profile = load_profile(path) if path else None
+        path = profile_folder.resolve(calibration_profile)
+        profile = load_profile(path) if path is not None else None
     except ConfigError as exc:
         raise ValueError(f"AdaCluster Sparse Attention: {exc}") from exc
     return comfy_adapter.patch_model(model, config, family=family, profile=profile, verbose=verbose)
@@ -84,23 +80,24 @@ def report_outputs(model, save_profile: str = "") -> tuple:
     if report is None:
         text = f"{patch.label}: no sampling run yet.\n{footer}"
         return text, _text_image(text), {"patched": True, "report": None, "status": status}
-    path = resolve_profile_path(save_profile, models_dir())
-    if path is not None:
-        footer += "\n" + _save_calibration(patch.cache.last_calibration, path)
+    if save_profile:
+        footer += "\n" + _save_calibration(patch.cache.last_calibration, save_profile)
     text = f"{patch.label} ({patch.family.display})\n{report.to_text()}\n{footer}"
     image = _report_image(report, patch.label)
     return text, image, {"patched": True, "report": _jsonable(report.to_dict()), "status": status}
 
 
-def _save_calibration(calibration, path: str) -> str:
-    """Saves a run's calibration as a profile; returns one line saying what happened."""
-    from ..adacluster_core.profiles import save_profile
-
+def _save_calibration(calibration, name: str) -> str:
+    """Saves a run's calibration as a profile in the profile folder; returns one line saying what happened."""
     if calibration is None:
         return "no calibration to save: the run never reached its calibration step"
-    save_profile(calibration, path)
+    try:
+        path = profile_folder.save(calibration, name)
+    except ConfigError as exc:
+        log.warning("[AdaCluster] calibration profile not saved: %s", exc)
+        return f"calibration profile not saved: {exc}"
     log.info("[AdaCluster] saved calibration profile %s", path)
-    return f"calibration profile saved to {path}"
+    return f"calibration profile saved as {path.name!r} in {path.parent}"
 
 
 def _report_image(report, title: str) -> torch.Tensor:

@@ -4,7 +4,8 @@ from __future__ import annotations
 import json
 
 from . import common
-from .widgets import SAVE_PROFILE_WIDGET, TOP_K_FROM_SELECTION, WIDGETS, Widget
+from .widgets import (NO_PROFILE, REPORT_WIDGETS, SAVE_PROFILE_WIDGET, WIDGETS, WIDGETS_BY_NAME, Widget,
+                      custom_validator)
 
 
 def _input_spec(w: Widget):
@@ -14,10 +15,13 @@ def _input_spec(w: Widget):
     if w.kind in ("FLOAT", "INT"):
         info.update(min=w.minimum, max=w.maximum, step=w.step)
     if w.kind == "COMBO":
-        return (list(w.options), info)
+        return (w.option_list(), info)
     if w.kind == "STRING":
         info["multiline"] = False
     return (w.kind, info)
+
+
+PROFILE_WIDGET = WIDGETS_BY_NAME["calibration_profile"]
 
 
 class AdaClusterSparseAttentionV1:
@@ -39,10 +43,9 @@ class AdaClusterSparseAttentionV1:
         return {"required": required, "optional": optional}
 
     @classmethod
-    def VALIDATE_INPUTS(cls, initial_top_k=100, top_k_clusters=TOP_K_FROM_SELECTION, selection="hybrid",
-                        calibration_profile=""):
-        return common.validation_error({"initial_top_k": initial_top_k, "top_k_clusters": top_k_clusters,
-                                        "selection": selection, "calibration_profile": calibration_profile}) or True
+    def VALIDATE_INPUTS(cls, calibration_profile=NO_PROFILE):
+        # Takes only calibration_profile (ComfyUI checks every other range and choice): one error, under it.
+        return common.validation_error(PROFILE_WIDGET, calibration_profile) or True
 
     def patch(self, model, **values):
         return (common.apply_patch(model, **values),)
@@ -65,6 +68,11 @@ class AdaClusterReportV1:
         }, "optional": {SAVE_PROFILE_WIDGET.name: _input_spec(SAVE_PROFILE_WIDGET)}}
 
     @classmethod
+    def VALIDATE_INPUTS(cls, save_profile=""):
+        # Takes only save_profile, so ComfyUI reports a bad name once, under that input.
+        return common.validation_error(SAVE_PROFILE_WIDGET, save_profile) or True
+
+    @classmethod
     def IS_CHANGED(cls, model, samples, save_profile=""):
         return float("nan")
 
@@ -72,6 +80,8 @@ class AdaClusterReportV1:
         text, image, data = common.report_outputs(model, save_profile)
         return {"ui": {"text": (text,), "adacluster_report": (json.dumps(data),)}, "result": (text, image)}
 
+
+assert custom_validator(WIDGETS) is PROFILE_WIDGET and custom_validator(REPORT_WIDGETS) is SAVE_PROFILE_WIDGET
 
 NODE_CLASS_MAPPINGS = {
     common.APPLY_NODE_ID: AdaClusterSparseAttentionV1,

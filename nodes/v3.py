@@ -7,7 +7,8 @@ import json
 from comfy_api.latest import ComfyExtension, io
 
 from . import common
-from .widgets import SAVE_PROFILE_WIDGET, TOP_K_FROM_SELECTION, WIDGETS, Widget
+from .widgets import (NO_PROFILE, REPORT_WIDGETS, SAVE_PROFILE_WIDGET, WIDGETS, WIDGETS_BY_NAME, Widget,
+                      custom_validator)
 
 _V3_TYPES = {"FLOAT": io.Float, "INT": io.Int, "COMBO": io.Combo, "BOOLEAN": io.Boolean, "STRING": io.String}
 
@@ -27,7 +28,7 @@ def _input(w: Widget):
     if w.kind in ("FLOAT", "INT"):
         kwargs.update(min=w.minimum, max=w.maximum, step=w.step)
     if w.kind == "COMBO":
-        kwargs["options"] = list(w.options)
+        kwargs["options"] = w.option_list()
     if w.kind == "STRING":
         kwargs["multiline"] = False
     return cls(w.name, **_supported(cls.__init__, kwargs))
@@ -35,6 +36,9 @@ def _input(w: Widget):
 
 def _schema(**kwargs):
     return io.Schema(**_supported(io.Schema, kwargs))
+
+
+PROFILE_WIDGET = WIDGETS_BY_NAME["calibration_profile"]
 
 
 class AdaClusterSparseAttention(io.ComfyNode):
@@ -52,12 +56,9 @@ class AdaClusterSparseAttention(io.ComfyNode):
         )
 
     @classmethod
-    def validate_inputs(cls, initial_top_k=100, top_k_clusters=TOP_K_FROM_SELECTION, selection="hybrid",
-                        calibration_profile=""):
-        # Only the values with cross-field rules or files are checked here; ComfyUI checks the ranges of
-        # the other widgets itself.
-        return common.validation_error({"initial_top_k": initial_top_k, "top_k_clusters": top_k_clusters,
-                                        "selection": selection, "calibration_profile": calibration_profile}) or True
+    def validate_inputs(cls, calibration_profile=NO_PROFILE):
+        # Takes only calibration_profile (ComfyUI checks every other range and choice): one error, under it.
+        return common.validation_error(PROFILE_WIDGET, calibration_profile) or True
 
     @classmethod
     def execute(cls, model, **values) -> io.NodeOutput:
@@ -88,6 +89,11 @@ class AdaClusterReport(io.ComfyNode):
         )
 
     @classmethod
+    def validate_inputs(cls, save_profile=""):
+        # Takes only save_profile, so ComfyUI reports a bad name once, under that input.
+        return common.validation_error(SAVE_PROFILE_WIDGET, save_profile) or True
+
+    @classmethod
     def fingerprint_inputs(cls, model, samples, save_profile=""):
         return float("nan")  # always re-read: the statistics belong to the latest run
 
@@ -95,6 +101,9 @@ class AdaClusterReport(io.ComfyNode):
     def execute(cls, model, samples, save_profile="") -> io.NodeOutput:
         text, image, data = common.report_outputs(model, save_profile)
         return io.NodeOutput(text, image, ui={"text": (text,), "adacluster_report": (json.dumps(data),)})
+
+
+assert custom_validator(WIDGETS) is PROFILE_WIDGET and custom_validator(REPORT_WIDGETS) is SAVE_PROFILE_WIDGET
 
 
 class AdaClusterExtension(ComfyExtension):

@@ -1,18 +1,32 @@
-"""Widgets of the AdaCluster node: one table shared by the V3 and V1 node classes, and the
-conversion of widget values into a validated AdaClusterConfig. Nothing here imports ComfyUI."""
+"""Widgets of the pack's nodes: one table per node shared by the V3 and V1 node classes, and the
+conversion of widget values into a validated AdaClusterConfig. Nothing here imports ComfyUI.
+
+How validation works (the same for every node of the pack):
+* every range and every choice is a widget property (min/max, combo options), so ComfyUI checks it itself
+  when a prompt is queued and reports one error under the widget that is wrong;
+* each widget's range is what is really accepted: no widget value is refused because of another widget;
+* a check ComfyUI does not do is a widget's ``check`` (a plain file name; a profile among the listed ones,
+  since ComfyUI 0.3.64 does not check V3 combo options); a node has at most one such widget, because
+  ComfyUI repeats a custom validator's error under every input the validator takes (``custom_validator``);
+* on ComfyUI 0.3.64 the other V3 combos (preset, selection) are checked when the node runs, with the
+  same message naming the widget;
+* combo options list the default first (``Widget`` refuses anything else), since clients take the first
+  option as the default.
+"""
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 from ..adacluster_core.config import MODEL_FAMILIES, SELECTION_RECIPES, AdaClusterConfig, ConfigError, load_preset
+from ..adacluster_core.profiles import check_profile_name
 
 PRESET_AUTO = "auto"
 PRESETS = (PRESET_AUTO,) + MODEL_FAMILIES
 RECIPES = tuple(SELECTION_RECIPES)
 WARMUP_FROM_PRESET = -1
+NO_PROFILE = ""  # calibration_profile choice: no profile
 TOP_K_FROM_SELECTION = 0  # "Top-K clusters" widget value that keeps the selection recipe's own Top-K
 
 
@@ -30,6 +44,19 @@ class Widget:
     advanced: bool = False
     optional: bool = False
     config_key: Optional[str] = None  # field of AdaClusterConfig this widget sets
+    choices: Optional[Callable[[], tuple]] = None  # combo whose options are read when asked (files)
+    check: Optional[Callable[[Any], Optional[str]]] = None  # extra check: a message, or None when fine
+
+    def __post_init__(self):
+        if self.kind == "COMBO" and self.choices is None and (not self.options or self.options[0] != self.default):
+            raise ValueError(f"widget {self.name}: the default {self.default!r} must be the first option")
+
+    def option_list(self) -> list:
+        """The combo options, default first."""
+        if self.choices is None:
+            return list(self.options)
+        found = [o for o in self.choices() if o != self.default]
+        return [self.default] + found
 
 
 WIDGETS: tuple = (
@@ -45,7 +72,8 @@ WIDGETS: tuple = (
            "clustering; outliers then get up to this many new clusters per stage.", "initial top-K (key clusters)",
            1, 4096, 1, config_key="initial_key_clusters"),
     Widget("top_k_clusters", "INT", TOP_K_FROM_SELECTION, "Key clusters every query cluster attends. 0 uses the "
-           "selection's own value ('hybrid' 16, 'paper' 64). 'svg2' keeps the smallest set of clusters holding 90% "
+           "selection's own value ('hybrid' 16, 'paper' 64). A value at or above a layer's key cluster count keeps "
+           "every cluster of that layer (exact attention). 'svg2' keeps the smallest set of clusters holding 90% "
            "of the attention mass instead and ignores this value.", "Top-K clusters", TOP_K_FROM_SELECTION, 4096, 1,
            config_key="selection.top_k"),
     Widget("warmup_steps", "INT", WARMUP_FROM_PRESET, "Sampler steps that run dense before sparse attention starts; "
@@ -55,10 +83,10 @@ WIDGETS: tuple = (
     Widget("dense_layer_fraction", "FLOAT", 0.15, "Share of layers that stay dense: after calibration the layers "
            "whose keys need the most clusters (plus any layer that is hard to compress) run full attention.",
            "dense-layer fraction", 0.0, 1.0, 0.01, config_key="dense_layer_fraction"),
-    Widget("selection", "COMBO", "hybrid", "How key clusters are chosen per query cluster. 'paper': Top-K by the "
-           "TensorQuest upper bound, as published. 'hybrid' (lowest error per kept token in our measurements): "
-           "Top-K by the size-weighted centroid estimate, plus each query's own 64-token neighbourhood, the clusters "
-           "holding the query cluster's own tokens, and a pooled tail for skipped clusters. 'svg2': Sparse "
+    Widget("selection", "COMBO", "hybrid", "How key clusters are chosen per query cluster. 'hybrid' (lowest error "
+           "per kept token in our measurements): Top-K by the size-weighted centroid estimate, plus each query's own "
+           "64-token neighbourhood, the clusters holding the query cluster's own tokens, and a pooled tail for "
+           "skipped clusters. 'paper': Top-K by the TensorQuest upper bound, as published. 'svg2': Sparse "
            "VideoGen 2 for comparison (Euclidean k-means of queries and keys, centroid rule with top-p 0.9).",
            "selection",
            options=RECIPES, advanced=True, config_key="recipe"),
@@ -67,44 +95,82 @@ WIDGETS: tuple = (
            config_key="min_tokens"),
     Widget("verbose", "BOOLEAN", False, "Log once per shape whether a call ran sparse or why it stayed dense.",
            "verbose", advanced=True),
-    Widget("calibration_profile", "STRING", "", "Optional calibration profile (.safetensors) saved from an earlier run "
-           "of the same model, resolution and length: skips the key clustering calibration. A bare file name is "
-           "looked up in models/adacluster_profiles.", "calibration profile", advanced=True, optional=True),
+    Widget("calibration_profile", "COMBO", NO_PROFILE, "Optional calibration profile saved by the Sparse Attention "
+           "Report node from an earlier run of the same model, resolution and length: skips the key clustering "
+           "calibration. Lists the profiles in models/adacluster_profiles (and extra model paths registered for "
+           "adacluster_profiles); empty = none.", "calibration profile", advanced=True, optional=True,
+           choices=lambda: _profile_names(), check=lambda value: _profile_check(value)),
 )
 WIDGETS_BY_NAME = {w.name: w for w in WIDGETS}
 
 # Input of the report node: where to save the last run's calibration for the calibration_profile widget.
 SAVE_PROFILE_WIDGET = Widget(
-    "save_profile", "STRING", "", "Optional file name: saves the last run's calibration (key cluster counts per "
-    "layer and head, dense layers) as a profile in models/adacluster_profiles, to load later through the "
-    "'calibration profile' input of AdaCluster Sparse Attention for the same model, resolution and length. "
-    "Empty: nothing is saved.", "save calibration profile as", optional=True)
+    "save_profile", "STRING", "", "Optional plain file name (letters, digits, '.', '_', '-'; no folders): saves the "
+    "last run's calibration (key cluster counts per layer and head, dense layers) as <name>.safetensors in "
+    "models/adacluster_profiles, to choose later in the 'calibration profile' input of AdaCluster Sparse "
+    "Attention for the same model, resolution and length. A file there that is not a saved profile is never "
+    "overwritten. Empty: nothing is saved.", "save calibration profile as", optional=True,
+    check=lambda value: None if value == "" else check_profile_name(value))
+REPORT_WIDGETS = (SAVE_PROFILE_WIDGET,)
 
 
-def check_widget(name: str, value: Any) -> Optional[str]:
-    """An error message naming the value and the allowed range, or None when the value is allowed."""
-    w = WIDGETS_BY_NAME[name]
+def _profile_names() -> tuple:
+    from .profile_folder import profile_names
+
+    return tuple(profile_names())
+
+
+def _profile_check(value) -> Optional[str]:
+    # Checked by the node itself: ComfyUI 0.3.64 does not check the options of V3 combo inputs.
+    if value == NO_PROFILE or value in _profile_names():
+        return None
+    return (f"{value!r} is not a calibration profile in the adacluster_profiles folder; choose one of the "
+            "listed profiles or leave it empty")
+
+
+def custom_validator(widgets: tuple) -> Optional[Widget]:
+    """The one widget of a node's table that needs a check ComfyUI cannot do itself (None: no such widget).
+
+    A node's validate function takes exactly that widget's value, so its error is reported once, under it."""
+    checked = [w for w in widgets if w.check is not None]
+    if len(checked) > 1:
+        raise ValueError(f"widgets {[w.name for w in checked]} all need a custom check; ComfyUI would report "
+                         "each error under all of them: express the others as ranges or choices")
+    return checked[0] if checked else None
+
+
+def check_value(w: Widget, value: Any) -> Optional[str]:
+    """An error message for ``value`` of widget ``w`` (its kind, range, choices and check), or None."""
+    if w.kind == "COMBO" and w.check is not None:
+        problem = w.check(value)
+        return f"{w.name} = {problem}" if problem else None
     if w.kind == "COMBO":
-        return None if value in w.options else f"{name} = {value!r} is not one of {', '.join(map(repr, w.options))}"
+        options = w.option_list()
+        if value not in options:
+            return f"{w.name} = {value!r} is not one of {', '.join(map(repr, options))}"
+        return None
     if w.kind == "BOOLEAN":
-        return None if isinstance(value, bool) else f"{name} must be true or false, got {value!r}"
+        return None if isinstance(value, bool) else f"{w.name} must be true or false, got {value!r}"
     if w.kind == "STRING":
-        return None if isinstance(value, str) else f"{name} must be text, got {value!r}"
+        if not isinstance(value, str):
+            return f"{w.name} must be text, got {value!r}"
+        problem = w.check(value) if w.check is not None else None
+        return f"{w.name}: {problem}" if problem else None
     is_number = isinstance(value, (int, float)) and not isinstance(value, bool)
     if w.kind == "INT" and not (is_number and float(value).is_integer()):
-        return f"{name} = {value!r} is not an integer; expected an integer in [{w.minimum}, {w.maximum}]"
+        return f"{w.name} = {value!r} is not an integer; expected an integer in [{w.minimum}, {w.maximum}]"
     if not is_number or not math.isfinite(value) or not w.minimum <= value <= w.maximum:
         kind = "an integer" if w.kind == "INT" else "a number"
-        return f"{name} = {value!r} is out of range: expected {kind} in [{w.minimum}, {w.maximum}]"
+        return f"{w.name} = {value!r} is out of range: expected {kind} in [{w.minimum}, {w.maximum}]"
     return None
 
 
 def config_from_widgets(family: str, **values: Any) -> AdaClusterConfig:
-    """The preset of ``family`` with the widget values applied; ConfigError names any bad value."""
+    """The preset of ``family`` with the widget values applied; ConfigError names any bad widget value."""
     for name, value in values.items():
         if name not in WIDGETS_BY_NAME:
             raise ConfigError(f"unknown widget {name!r}")
-        message = check_widget(name, value)
+        message = check_value(WIDGETS_BY_NAME[name], value)
         if message:
             raise ConfigError(message)
     overrides = {}
@@ -118,37 +184,3 @@ def config_from_widgets(family: str, **values: Any) -> AdaClusterConfig:
             overrides["method"] = "svg2"
         overrides[key] = int(value) if WIDGETS_BY_NAME[name].kind == "INT" else value
     return load_preset(family, **overrides)
-
-
-def resolve_profile_path(value: str, models_dir: Optional[str] = None) -> Optional[str]:
-    """The file a calibration_profile or save_profile value names (None for an empty value).
-
-    A bare name is looked up in models/adacluster_profiles; ".safetensors" is added when missing."""
-    value = (value or "").strip()
-    if not value:
-        return None
-    if not value.endswith(".safetensors"):
-        value += ".safetensors"
-    if os.path.isabs(value) or os.sep in value or not models_dir:
-        return value
-    return os.path.join(models_dir, "adacluster_profiles", value)
-
-
-def validate_widgets(values: dict, models_dir: Optional[str] = None) -> Optional[str]:
-    """The first problem of a set of widget values (ranges, cross-field rules, the profile file), or None.
-
-    The preset family is not known before a model arrives; 'auto' is checked against the Wan preset."""
-    present = {k: v for k, v in values.items() if k in WIDGETS_BY_NAME}
-    family = present.get("preset", PRESET_AUTO)
-    family = "wan" if family == PRESET_AUTO or family not in MODEL_FAMILIES else family
-    settings = {k: v for k, v in present.items() if k not in ("preset", "calibration_profile")}
-    try:
-        if "preset" in present and check_widget("preset", present["preset"]):
-            return check_widget("preset", present["preset"])
-        config_from_widgets(family, **settings)
-        path = resolve_profile_path(present.get("calibration_profile", ""), models_dir)
-        if path is not None and not os.path.isfile(path):
-            return f"calibration_profile = {present['calibration_profile']!r}: file {path!r} does not exist"
-    except ConfigError as exc:
-        return str(exc)
-    return None

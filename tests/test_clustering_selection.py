@@ -1,4 +1,4 @@
-"""Clustering and selection: the invariants ALGORITHMS.md 1.1-1.3 promises."""
+"""Clustering and selection: the invariants the README describes."""
 import torch
 
 from comfyui_adacluster.adacluster_core import clustering, selection

@@ -2,7 +2,8 @@
 import pytest
 
 from comfyui_adacluster.adacluster_core.config import (ConfigError, MODEL_FAMILIES, SELECTION_RECIPES,
-                                                      AdaClusterConfig, from_dict, load_preset, to_dict)
+                                                      AdaClusterConfig, SelectionConfig, from_dict, load_preset,
+                                                      to_dict)
 from comfyui_adacluster.adacluster_core.schedule import Phase, phase_of, step_from_sigmas
 
 
@@ -16,13 +17,27 @@ from comfyui_adacluster.adacluster_core.schedule import Phase, phase_of, step_fr
     ({"recipe": "fast"}, r"recipe = 'fast' is not one of"),
     ({"selection.top_p": 0}, r"selection.top_p = 0 "),
     ({"selection.score": "magic"}, r"selection.score = 'magic'"),
-    ({"recipe": "paper", "initial_key_clusters": 4, "max_stages": 2, "selection.top_k": 9},
-     r"selection.top_k = 9 is larger than the most key clusters a layer can have \(initial_key_clusters x max_stages = 8\)"),
     ({"not_a_setting": 1}, r"unknown setting 'not_a_setting'"),
 ])
 def test_bad_values_name_the_value_and_range(values, message):
     with pytest.raises(ConfigError, match=message):
         from_dict(values)
+
+
+def test_direct_construction_validates():
+    with pytest.raises(ConfigError, match=r"query_clusters = 0 .*\[1, 4096\]"):
+        AdaClusterConfig(query_clusters=0)
+    with pytest.raises(ConfigError, match=r"selection.top_p = 1.5"):
+        SelectionConfig(top_p=1.5)
+    with pytest.raises(ConfigError, match="selection must be a SelectionConfig"):
+        AdaClusterConfig(selection={"top_k": 3})
+    import dataclasses
+
+    with pytest.raises(ConfigError, match="warmup_steps = -1"):
+        dataclasses.replace(AdaClusterConfig(), warmup_steps=-1)
+    # A Top-K above the clusters a layer can have is accepted: it keeps every cluster.
+    assert from_dict({"recipe": "paper", "initial_key_clusters": 4, "max_stages": 2,
+                      "selection.top_k": 9}).selection.top_k == 9
 
 
 def test_unknown_preset_is_an_error_and_presets_load():

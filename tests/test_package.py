@@ -53,3 +53,46 @@ def test_manager_and_registry_metadata():
     comfy = project["tool"]["comfy"]
     assert comfy["PublisherId"] and comfy["DisplayName"]
     assert "dev" in project["project"]["optional-dependencies"]
+
+
+def test_pillow_is_declared_where_the_pack_imports_it():
+    project = tomllib.loads((PACK / "pyproject.toml").read_text())["project"]
+    assert any(d.lower().startswith("pillow") for d in project["dependencies"])
+    assert any(line.lower().startswith("pillow") for line in (PACK / "requirements.txt").read_text().splitlines())
+    assert not any(d.lower().startswith("matplotlib") for extra in project["optional-dependencies"].values()
+                   for d in extra)  # nothing imports it
+
+
+def test_main_command_runs_without_the_dev_extra(tmp_path):
+    """tqdm and pytest (the dev extra) blocked: the main command still runs and writes its files."""
+    code = ("import sys\n"
+            "for name in ('tqdm', 'pytest', 'matplotlib'):\n"
+            "    sys.modules[name] = None  # import now raises ImportError\n"
+            "from comfyui_adacluster.adacluster_core.tools import demo\n"
+            f"sys.exit(demo.main(['--quick', '--layers', '1', '--steps', '2', '--out-dir', {str(tmp_path)!r}]))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (tmp_path / "adacluster_demo.json").is_file() and (tmp_path / "adacluster_demo.png").is_file()
+
+
+def test_every_example_workflow_has_a_same_named_thumbnail():
+    from PIL import Image
+
+    workflows = sorted((PACK / "workflows").glob("*.json"))
+    assert len(workflows) == 4
+    for workflow in workflows:
+        thumbnail = workflow.with_suffix(".png")
+        assert thumbnail.is_file(), thumbnail.name
+        with Image.open(thumbnail) as image:
+            assert image.format == "PNG" and 256 <= image.width <= 1024 and image.height >= 192
+            assert len(image.convert("RGB").getcolors(maxcolors=1 << 16) or []) > 16  # a drawn card, not blank
+    assert sorted(p.stem for p in (PACK / "workflows").glob("*.png")) == [p.stem for p in workflows]
+
+
+def test_no_docstring_cites_files_users_do_not_have():
+    for path in PACK.rglob("*.py"):
+        if ".venv" in path.parts or "tests" in path.relative_to(PACK).parts[:1]:
+            continue
+        text = path.read_text()
+        for name in ("ALGORITHMS.md", "PERFORMANCE.md", "DESIGN.md", "COMFYUI.md"):
+            assert name not in text, f"{path.relative_to(PACK)} cites {name}"

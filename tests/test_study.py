@@ -1,6 +1,10 @@
 """The selection study runs end to end on a tiny workload and measures every family, default included."""
 import json
 import math
+import tomllib
+from pathlib import Path
+
+import pytest
 
 from comfyui_adacluster.adacluster_core.tools import study
 
@@ -19,3 +23,42 @@ def test_quick_study_measures_every_family(tmp_path):
                    key=lambda p: int(p["setting"].split("=")[1]))
     assert all(a["kept_mass"] <= b["kept_mass"] + 1e-6 for a, b in zip(curve, curve[1:]))
     assert "centroid top-k + tail + local" in (tmp_path / "selection_study.md").read_text()
+
+
+@pytest.mark.parametrize("argv, fragment", [
+    (["--measure", "abc"], "--measure abc: expected 'last' or comma-separated step numbers"),
+    (["--measure", "0"], "--measure 0: steps [0] are outside [1, 5]"),
+    (["--steps", "0"], "--steps 0: expected an integer in [2, 1000]"),
+    (["--layers", "0"], "--layers 0: expected an integer in [1, 256]"),
+    (["--warmup", "6"], "--warmup 6: expected an integer in [1, 5]"),
+    (["--samples", "0"], "--samples 0"),
+])
+def test_study_flags_are_checked_naming_the_flag(argv, fragment, capsys, monkeypatch):
+    monkeypatch.setattr(study, "run_study", lambda *a, **k: pytest.fail("work started before the flags were checked"))
+    with pytest.raises(SystemExit) as info:
+        study.main(argv)
+    assert info.value.code == 2 and fragment in capsys.readouterr().err
+
+
+def test_console_scripts_match_the_programs_names():
+    from comfyui_adacluster.adacluster_core.tools import demo, kernel_bench
+
+    scripts = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())["project"]["scripts"]
+    parsers = {"adacluster-demo": demo.build_parser(), "adacluster-study": study.build_parser(),
+               "adacluster-bench": kernel_bench.build_parser()}
+    for name, parser in parsers.items():
+        assert parser.prog == name and name in scripts
+        module, function = scripts[name].split(":")
+        assert module.endswith(parser_module(name)) and function == "main"
+
+
+def parser_module(name: str) -> str:
+    return {"adacluster-demo": "tools.demo", "adacluster-study": "tools.study", "adacluster-bench": "tools.kernel_bench"}[name]
+
+
+def test_kernel_bench_help_is_whole_sentences():
+    from comfyui_adacluster.adacluster_core.tools import kernel_bench
+
+    description = kernel_bench.build_parser().description
+    assert description.rstrip().endswith(".") and "PERFORMANCE.md" not in description
+    assert "whole steady-state AdaCluster calls" in description

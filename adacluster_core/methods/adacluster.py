@@ -1,4 +1,4 @@
-"""AdaCluster (ALGORITHMS.md 1): angular query clusters, adaptive key clusters, critical-cluster selection.
+"""AdaCluster: angular query clusters, adaptive key clusters, critical-cluster selection.
 
 The last warm-up step calibrates (full clustering, per-head key counts); every sparse step takes one
 warm-started k-means round from the branch's cached centroids and selects key clusters per query cluster.

@@ -1,7 +1,7 @@
 """The method seam: what every sparse-attention method provides to the runner.
 
 A method is a layout builder. Given the video tokens q, k (B, H, N, d) of one attention call and its
-per-(layer, branch) state in the run cache, it plans a Layout (ALGORITHMS.md 4). It also says on which
+per-(layer, branch) state in the run cache, it plans a Layout. It also says on which
 sampler steps it needs its search / fit / calibration pass, and may provide the inputs of the runner's
 dense-layer decision. Everything else is shared and lives in the runner: the policy (dense, pass,
 sparse), the joint text split, execution through ``kernels.execute_layout`` and the statistics.

@@ -108,6 +108,9 @@ def selection_part(workload, shape: VideoShape, calibration_steps: tuple, log) -
                         rows.setdefault((warmup, name, noise), []).append((kept, relative_l2(out, dense)))
             runner.cache.release()
             log(f"selection: calibrated at step {warmup - 1}, layer {layer} ({workload.layer_kinds[layer]}) done")
+        log(json.dumps([{"calibrated_at_step": w - 1, "setting": name, "noise": noise,
+                         "kept": statistics.fmean(r[0] for r in values), "rel_l2": statistics.fmean(r[1] for r in values)}
+                        for (w, name, noise), values in rows.items() if w == warmup]))
     return [{"calibrated_at_step": w, "setting": name, "noise": noise, "step": measured[noise],
              "kept": statistics.fmean(r[0] for r in values), "rel_l2": statistics.fmean(r[1] for r in values)}
             for (w, name, noise), values in rows.items()]
@@ -152,6 +155,7 @@ def schedule_part(workload, shape: VideoShape, log, variants: Optional[dict] = N
                "seconds": time.time() - started}
         cache.release()
         log(f"schedule: {name}: mean error {row['mean_rel_l2']:.4f}, work {row['attention_work']:.3f}")
+        log(json.dumps({k: v for k, v in row.items() if k != "per_step"}))
         results.append(row)
     return results
 
@@ -191,6 +195,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--layers", type=int, default=10, help="layers of the workload, 1-64 (default 10)")
     parser.add_argument("--steps", type=int, default=50, help="sampler steps of the schedule, 10-200 (default 50)")
     parser.add_argument("--parts", nargs="+", choices=("selection", "schedule"), default=["selection", "schedule"])
+    parser.add_argument("--calibrate-at", type=int, nargs="+", default=[2, 9],
+                        help="selection part: steps whose clusters are calibrated (default 2 9)")
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--out", default="budget_study.json", help="JSON file written at the end")
     return parser
@@ -209,12 +215,22 @@ def main(argv=None) -> int:
     log = lambda text: print(text, file=sys.stderr, flush=True)  # noqa: E731
     workload = _workload(shape, args.layers, args.steps, args.seed, args.device)
     log(f"workload: {workload.describe()}")
-    selection_rows = selection_part(workload, shape, (3, 10), log) if "selection" in args.parts else []
-    schedule_rows = schedule_part(workload, shape, log) if "schedule" in args.parts else []
+    if any(not 0 <= step < args.steps - 1 for step in args.calibrate_at):
+        parser.error(f"--calibrate-at steps must be in [0, {args.steps - 2}], got {args.calibrate_at}")
+    selection_rows, schedule_rows = [], []
+
+    def write():  # after each part, so a cut-short run keeps what it measured
+        with open(args.out, "w") as handle:
+            json.dump({"shape": args.shape, "workload": workload.describe(), "device": args.device,
+                       "selection": selection_rows, "schedule": schedule_rows}, handle, indent=1)
+
+    if "selection" in args.parts:
+        selection_rows = selection_part(workload, shape, tuple(s + 1 for s in args.calibrate_at), log)
+        write()
+    if "schedule" in args.parts:
+        schedule_rows = schedule_part(workload, shape, log)
+        write()
     print(format_tables(selection_rows, schedule_rows))
-    with open(args.out, "w") as handle:
-        json.dump({"shape": args.shape, "workload": workload.describe(), "device": args.device,
-                   "selection": selection_rows, "schedule": schedule_rows}, handle, indent=1)
     print(f"\nwrote {args.out}")
     return 0
 

@@ -69,7 +69,7 @@ def sol_attn_function() -> Optional[Callable]:
     return getattr(comfy_kitchen, "sol_attn", None)
 
 
-def default_methods(warmup_steps: int, sol_tau: float = 1.0, head_dim: int = 128) -> list[Method]:
+def default_methods(warmup_steps: int, sol_tau: float = 1.0, head_dim: int = 128, text_len: int = 0) -> list[Method]:
     methods = [
         Method("dense", "dense", note="torch SDPA"),
         Method(f"adacluster ({DEFAULT_RECIPE})", "runner", runner_config(None, warmup_steps=warmup_steps),
@@ -80,9 +80,11 @@ def default_methods(warmup_steps: int, sol_tau: float = 1.0, head_dim: int = 128
                note="Euclidean k-means both sides, centroid top-p", short="svg2"),
     ]
     if sol_attn_function() is None:
-        sol_note = "not installed (pip install comfy-kitchen)"
+        sol_note = "comfy-kitchen is not installed: pip install comfy-kitchen"
     elif head_dim != 128:
-        sol_note = f"not run: Sol-Attn needs head dim 128, workload has {head_dim}"
+        sol_note = f"Sol-Attn needs head dim 128, the workload has {head_dim}"
+    elif text_len:
+        sol_note = "Sol-Attn is measured on video-only attention (--text 0)"
     else:
         sol_note = "comfy-kitchen eager reference"
     methods.append(Method(f"sol-attn (tau {sol_tau:g})", "sol", tau=sol_tau, note=sol_note, short="sol"))
@@ -365,8 +367,10 @@ def _run_runner(runner, q, k, v, call, reference, sample, video, n_video, measur
     record = cache.records[before] if len(cache.records) > before else None
     sparse = bool(record is not None and record.sparse)
     if not sparse:
+        # The runner returned the dense output, which was computed once for all methods and is cached here:
+        # charge this call the dense attention it stands for, plus the runner's own time.
         result.calls.append(CallResult(call.layer, call.step, False, 1.0, relative_l2(out, reference.output()), 1.0,
-                                       elapsed))
+                                       elapsed + reference.time_ms))
         return
     clustering_ms = record.clustering.milliseconds() if record.clustering is not None else 0.0
     kept_values, masses = [], []
@@ -384,24 +388,36 @@ def _run_runner(runner, q, k, v, call, reference, sample, video, n_video, measur
 
 # -------------------------------------------------------------------------------------------- output
 def format_table(results: dict) -> str:
+    """One row per method that ran; methods that did not run are listed below the table with the reason."""
     header = ("method", "kept", "rel L2", "kept mass", "ms/call", "clustering", "note")
-    rows = []
+    rows, skipped = [], []
     for result in results.values():
         s = result.summary()
         if not result.available or "kept_fraction" not in s:
-            rows.append((s["method"], "-", "-", "-", "-", "-", s["note"] or "not available"))
+            skipped.append(f"{s['method']}: not run ({s['note'] or 'not available'})")
             continue
         share = s["clustering_share"]
         rows.append((s["method"], f"{100 * s['kept_fraction']:.1f}%", f"{s['rel_l2']:.4f}",
                      f"{100 * s['kept_mass']:.1f}%", f"{s['time_ms_per_call']:.0f}",
                      "-" if not math.isfinite(share) or share == 0 else f"{100 * share:.0f}%", s["note"]))
     widths = [max(len(str(r[i])) for r in rows + [header]) for i in range(len(header))]
-    line = lambda r: "  ".join(str(c).ljust(w) for c, w in zip(r, widths))  # noqa: E731
-    return "\n".join([line(header), line(tuple("-" * w for w in widths))] + [line(r) for r in rows])
+    line = lambda r: "  ".join(str(c).ljust(w) for c, w in zip(r, widths)).rstrip()  # noqa: E731
+    return "\n".join([line(header), line(tuple("-" * w for w in widths))] + [line(r) for r in rows] + skipped)
+
+
+def tradeoff_points(results: dict) -> list:
+    """Per method that ran: mean kept fraction and error, and every measured call (the plot's first panel)."""
+    points = []
+    for result in results.values():
+        s = result.summary()
+        if result.available and "kept_fraction" in s:
+            points.append({"method": result.name, "kept": s["kept_fraction"], "rel_l2": s["rel_l2"],
+                           "calls": [(c.kept, c.rel_l2) for c in result.calls]})
+    return points
 
 
 def write_outputs(results: dict, workload: VideoAttentionWorkload, out_dir: Path, extra: dict) -> tuple[Path, Path]:
-    from .plot import render_reports
+    from .plot import render_reports, render_tradeoff, stack_images
 
     out_dir.mkdir(parents=True, exist_ok=True)
     json_path = out_dir / "adacluster_demo.json"
@@ -414,30 +430,94 @@ def write_outputs(results: dict, workload: VideoAttentionWorkload, out_dir: Path
         "methods": {name: {"summary": r.summary(), "calls": [asdict(c) for c in r.calls], "report": r.report}
                     for name, r in results.items()},
     }
-    json_path.write_text(json.dumps(payload, indent=1, default=_json_default))
+    json_path.write_text(json.dumps(finite_json(payload), indent=1, allow_nan=False))
+    images = [render_tradeoff(tradeoff_points(results), title="relative L2 error vs kept fraction over the "
+                              "measured calls (square: mean, dots: calls)")]
     runner_results = [r for r in results.values() if r.report is not None]
     if runner_results:
-        image = render_reports([r.report for r in runner_results], titles=[r.name for r in runner_results],
-                               layer_values=[{"relative L2 error per layer (measured steps)": r.per_layer("rel_l2")}
-                                             for r in runner_results])
-        image.save(png_path)
+        images.append(render_reports([r.report for r in runner_results], titles=[r.name for r in runner_results],
+                                     layer_values=[{"relative L2 error per layer (measured steps)":
+                                                    r.per_layer("rel_l2")} for r in runner_results]))
+    stack_images(images).save(png_path)
     return json_path, png_path
 
 
-def _json_default(value):
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
+def finite_json(value):
+    """``value`` as strict JSON data: NaN and infinities become null (bare NaN is not JSON), tensors lists,
+    paths and other objects their text."""
+    if isinstance(value, dict):
+        return {str(k): finite_json(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [finite_json(v) for v in value]
     if isinstance(value, torch.Tensor):
-        return value.tolist()
+        return finite_json(value.tolist())
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if value is None or isinstance(value, (bool, int, str)):
+        return value
     return str(value)
 
 
 # ---------------------------------------------------------------------------------------------- main
+TIMING_NOTE = ("ms/call: mean over the measured calls; a dense-layer call is charged the dense attention time of "
+               "that call. CPU times ({threads} thread(s)) come from the PyTorch reference executors (readable "
+               "oracles, not the fast kernels).")
+FLAG_OF_FIELD = {"steps": "--steps", "layers": "--layers", "frames": "--frames", "height": "--height",
+                 "width": "--width", "heads": "--heads", "head_dim": "--head-dim", "text_len": "--text",
+                 "seed": "--seed"}
+
+
+class FlagError(ValueError):
+    """A command-line value is out of range; the message names the flag as the user typed it."""
+
+
+def set_threads(threads: int) -> None:
+    """Intra-op threads of the tools (never changed by the library itself, so ComfyUI keeps its own).
+
+    The reference executors run many small ops (profiled: one sparse call of the main command's workload
+    is about 107,000 aten ops, all but 0.2% under 100 us; dense attention is 19). On a CPU other processes
+    also use, each op's hand-off to a full thread pool waits for descheduled threads. Measured on 2 shared
+    cores: a sparse call took 128-257 ms on 1 thread and 1565-2320 ms on 2, dense attention 33-62 ms either
+    way."""
+    if threads > 0:
+        torch.set_num_threads(threads)
+
+
+def add_threads_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--threads", type=int, default=1,
+                        help="CPU threads for torch (default 1: the reference executors run many small ops, which "
+                             "extra threads slow down on a shared CPU; 0 keeps torch's default)")
+
+
+def check_flags(parser: argparse.ArgumentParser, args, checks) -> None:
+    """Calls parser.error (exit status 2, usage line) for the first failing check: (flag, ok, expectation)."""
+    for flag, ok, expected in checks:
+        if not ok:
+            parser.error(f"{flag} {getattr(args, flag.lstrip('-').replace('-', '_'), '')!s}: expected {expected}")
+
+
+def out_dir_problem(path: Path) -> Optional[str]:
+    """Why ``path`` cannot take the output files (None when it can); checked before any work."""
+    if path.exists() and not path.is_dir():
+        return f"{path} exists and is not a folder"
+    probe = path
+    while not probe.exists():
+        probe = probe.parent
+    if not probe.is_dir():
+        return f"{probe} is not a folder"
+    import os
+
+    if not os.access(probe, os.W_OK | os.X_OK):
+        return f"{probe} is not writable"
+    return None
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="adacluster-demo", description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="tiny workload for tests (seconds)")
-    p.add_argument("--steps", type=int, default=None, help="sampler steps (default 5)")
-    p.add_argument("--warmup", type=int, default=1, help="dense warm-up steps; the last one calibrates (default 1)")
+    p.add_argument("--steps", type=int, default=None, help="sampler steps, warm-up included (default 5)")
+    p.add_argument("--warmup", type=int, default=None,
+                   help="dense warm-up steps; the last one calibrates (default 1; at most --steps - 1)")
     p.add_argument("--layers", type=int, default=None, help="transformer layers (default 6)")
     p.add_argument("--frames", type=int, default=None, help="latent frames (default 8)")
     p.add_argument("--height", type=int, default=None, help="latent height in tokens (default 24)")
@@ -446,16 +526,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--head-dim", type=int, default=None, choices=(64, 128), help="head dim (default 128)")
     p.add_argument("--text", type=int, default=0, help="text tokens for joint attention (default 0)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--sol-tau", type=float, default=1.0, help="Sol-Attn threshold (default 1.0)")
-    p.add_argument("--sol-steps", type=str, default="last",
-                   help="steps on which Sol-Attn is measured: 'all' or 'last' (its reference is O(N^2); default last)")
-    p.add_argument("--samples", type=int, default=256, help="queries sampled per call for the kept mass")
+    p.add_argument("--sol-tau", type=float, default=1.0, help="Sol-Attn threshold, > 0 (default 1.0)")
+    p.add_argument("--sol-steps", choices=("last", "all"), default="last",
+                   help="steps on which Sol-Attn is measured (its reference is O(N^2); default last)")
+    p.add_argument("--samples", type=int, default=256,
+                   help="queries sampled per call for the kept mass, 1 or more (default 256)")
     p.add_argument("--out-dir", type=Path, default=Path("output"), help="folder for the PNG and JSON (default ./output)")
     p.add_argument("--no-progress", action="store_true")
+    add_threads_flag(p)
     return p
 
 
 def workload_config_from_args(args) -> WorkloadConfig:
+    """The workload the flags describe; FlagError names the flag of a bad value."""
     base = (dict(frames=2, height=16, width=16, heads=2, head_dim=128, layers=3, steps=3, objects=3)
             if args.quick else {})
     for name in ("steps", "layers", "frames", "height", "width", "heads"):
@@ -465,36 +548,66 @@ def workload_config_from_args(args) -> WorkloadConfig:
     if args.head_dim is not None:
         base["head_dim"] = args.head_dim
     if not args.quick and args.steps is None:
-        base["steps"] = 5  # 1 warm-up + 4 sparse steps keeps the default run under 3 minutes on 2 cores
+        base["steps"] = 5  # 1 warm-up + 4 sparse steps keeps the default run short on 2 cores
     base["text_len"] = args.text
     base["seed"] = args.seed
-    return WorkloadConfig(**base)
+    try:
+        return WorkloadConfig(**base).validate()
+    except ValueError as exc:
+        message = str(exc)
+        for field_name, flag in FLAG_OF_FIELD.items():
+            message = message.replace(f"WorkloadConfig.{field_name} ", f"{flag} ")
+        raise FlagError(message) from exc
+
+
+def parse_args(argv=None):
+    """Parsed and checked flags plus the workload config; exits with status 2 naming a bad flag."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    check_flags(parser, args, [
+        ("--samples", args.samples >= 1, "an integer >= 1 (queries sampled per call)"),
+        ("--sol-tau", math.isfinite(args.sol_tau) and args.sol_tau > 0, "a finite number > 0"),
+        ("--threads", args.threads >= 0, "an integer >= 0 (0 keeps torch's default)"),
+    ])
+    try:
+        config = workload_config_from_args(args)
+    except FlagError as exc:
+        parser.error(str(exc))
+    warmup_given = args.warmup is not None
+    args.warmup = 1 if args.warmup is None else args.warmup
+    if args.warmup < 0:
+        parser.error(f"--warmup {args.warmup}: expected an integer >= 0")
+    if args.warmup >= config.steps:
+        if warmup_given:
+            parser.error(f"--warmup {args.warmup}: expected at most {config.steps - 1} (--steps {config.steps} "
+                         "minus 1: at least one step must run sparse to be measured)")
+        parser.error(f"--steps {config.steps}: expected at least {args.warmup + 1} (the default {args.warmup} "
+                     "dense warm-up step plus one measured step)")
+    problem = out_dir_problem(args.out_dir)
+    if problem:
+        parser.error(f"--out-dir {args.out_dir}: {problem}")
+    return args, config
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        workload = VideoAttentionWorkload(workload_config_from_args(args))
-    except ValueError as exc:
-        print(f"adacluster-demo: {exc}", file=sys.stderr)
-        return 2
+    args, config = parse_args(argv)
+    set_threads(args.threads)
+    workload = VideoAttentionWorkload(config)
     cfg = workload.config
-    if not 0 <= args.warmup < cfg.steps:
-        print(f"adacluster-demo: --warmup = {args.warmup} is out of range: expected an integer in "
-              f"[0, {cfg.steps - 1}] (steps - 1)", file=sys.stderr)
-        return 2
     started = time.perf_counter()
     print(f"workload: {workload.describe()}")
-    methods = default_methods(args.warmup, args.sol_tau, cfg.head_dim)
+    methods = default_methods(args.warmup, args.sol_tau, cfg.head_dim, cfg.text_len)
     sol_steps = None if args.sol_steps == "all" else {cfg.steps - 1}
     results = run_methods(workload, methods, args.warmup, args.samples, sol_steps, progress=not args.no_progress)
     elapsed = time.perf_counter() - started
     print()
+    sol_ran = any(m.kind == "sol" and results[m.name].calls for m in methods)
+    sol_text = ("; Sol-Attn on " + ("every measured step" if sol_steps is None else f"step {cfg.steps - 1}")
+                if sol_ran else "")
     print(f"measured over steps {args.warmup}..{cfg.steps - 1} (after {args.warmup} dense warm-up step(s)), "
-          f"all layers; dense layers count as kept 100%, error 0; Sol-Attn on "
-          f"{'every measured step' if sol_steps is None else f'step {cfg.steps - 1}'}")
+          f"all layers; dense layers count as kept 100%, error 0{sol_text}")
     print(format_table(results))
-    print("CPU times come from the PyTorch reference executors (readable oracles, not the fast kernels).")
+    print(TIMING_NOTE.format(threads=torch.get_num_threads()))
     json_path, png_path = write_outputs(results, workload, args.out_dir,
                                         {"warmup_steps": args.warmup, "wall_seconds": elapsed})
     print(f"wrote {json_path} and {png_path}  ({elapsed:.0f} s)")

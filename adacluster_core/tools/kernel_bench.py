@@ -1,7 +1,9 @@
 """Kernel benchmark on the GPU it finds: dense SDPA, FlexAttention on the same layout, the layout kernel,
-and whole steady-state AdaCluster calls, for the shapes of PERFORMANCE.md.
+and whole steady-state AdaCluster calls, for the attention shapes of the supported video models (README,
+"Speed on the GPU").
 
-    python -m comfyui_adacluster.adacluster_core.tools.kernel_bench [--shapes wan14b-720p ...] [--kept 0.10] [--out results.json]
+    adacluster-bench [--shapes wan14b-720p ...] [--kept 0.10] [--out results.json]
+    (or: python -m comfyui_adacluster.adacluster_core.tools.kernel_bench)
 
 Kernel rows: layouts clustered like AdaCluster's (65 query clusters, N/100 (300..1000) key clusters of
 skewed, ragged sizes; every query cluster keeps key clusters in random order until ``--kept`` of the key
@@ -290,20 +292,27 @@ def print_table(rows, device_name):
                               _fmt(c["kernel_vs_floor"]), _fmt(c.get("graph_ms", c.get("graph_error")))]))
 
 
-def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
-    parser.add_argument("--kept", type=float, default=0.10, help="fraction of key tokens kept (0, 1]")
-    parser.add_argument("--out", default="kernel_benchmark.json")
-    parser.add_argument("--no-flex", action="store_true")
-    parser.add_argument("--no-runner", action="store_true")
-    parser.add_argument("--seed", type=int, default=0)
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="adacluster-bench", description=__doc__.split("\n\n")[0],
+                                     epilog="Needs a CUDA GPU; times are medians of CUDA-event-timed runs.")
+    parser.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES),
+                        help="shapes to run (default: all)")
+    parser.add_argument("--kept", type=float, default=0.10, help="fraction of key tokens kept, in (0, 1] (default 0.10)")
+    parser.add_argument("--out", default="kernel_benchmark.json", help="JSON file for the results")
+    parser.add_argument("--no-flex", action="store_true", help="skip the FlexAttention rows")
+    parser.add_argument("--no-runner", action="store_true", help="skip the whole-call rows")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the random inputs")
     parser.add_argument("--workload", choices=("random", "video"), default="random",
                         help="random: kernel and whole-call rows on random inputs; video: whole calls of the "
                              "default, paper, svg2 and Sol-Attn on video-like inputs at the real token grids")
+    return parser
+
+
+def main(argv=None):
+    parser = build_parser()
     args = parser.parse_args(argv)
     if not 0.0 < args.kept <= 1.0:
-        parser.error(f"--kept must be in (0, 1], got {args.kept}")
+        parser.error(f"--kept {args.kept}: expected a fraction in (0, 1]")
     if not torch.cuda.is_available():
         parser.error("the kernel benchmark needs a CUDA GPU")
     if args.workload == "video":

@@ -2,7 +2,9 @@
 
 ``render_report`` takes a RunReport (or its ``to_dict()``) and draws, per layer and head: the kept
 fraction, the key cluster counts, which layers ran dense, and the time per layer with its clustering
-share. ``render_reports`` stacks several reports (one per method) into one image.
+share. ``render_reports`` stacks several reports (one per method) into one image, with one colour scale
+and one bar height per quantity for all of them, so methods compare by eye. ``render_tradeoff`` draws
+error against kept fraction for every method. Bar and scatter axes start at a labelled 0.
 """
 from __future__ import annotations
 
@@ -21,6 +23,9 @@ DENSE_FILL = (150, 150, 150)
 TIME_COLOR = (70, 130, 180)
 CLUSTERING_COLOR = (230, 140, 40)
 ERROR_COLOR = (190, 60, 60)
+# Marker colours of the methods in the error / kept fraction panel (cycled).
+METHOD_COLORS = ((40, 40, 40), (31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189),
+                 (140, 86, 75), (227, 119, 194))
 # Anchor colours of a perceptually ordered map (dark blue -> green -> yellow), interpolated linearly.
 COLOR_MAP = ((68, 1, 84), (59, 82, 139), (33, 145, 140), (94, 201, 98), (253, 231, 37))
 
@@ -125,9 +130,11 @@ def _bars(panel: _Panel, labels: list, values: list, color, fmt: str, overlay: O
     slot = panel.width / n
     bar_w = max(1.0, slot * 0.7)
     draw.line((panel.x0, panel.y1, panel.x1, panel.y1), fill=INK)
-    for frac in (0.5, 1.0):
+    draw.line((panel.x0, panel.y0, panel.x0, panel.y1), fill=INK)
+    for frac in (0.0, 0.5, 1.0):
         y = panel.y1 - frac * panel.height
-        draw.line((panel.x0, y, panel.x1, y), fill=GRID)
+        if frac:
+            draw.line((panel.x0, y, panel.x1, y), fill=GRID)
         draw.text((panel.x0 - 42, y - 6), format(top * frac, fmt), fill=INK, font=panel.small)
     label_step = max(1, int(math.ceil(28 / slot)))
     for i, value in enumerate(values):
@@ -144,13 +151,54 @@ def _bars(panel: _Panel, labels: list, values: list, color, fmt: str, overlay: O
             draw.text((left, panel.y1 + 3), f"L{labels[i]}", fill=INK, font=panel.small)
 
 
+def _finite(values) -> list:
+    return [float(v) for v in values if v is not None and math.isfinite(float(v))]
+
+
+def _kept_rows(data: dict) -> list:
+    layers = sorted(data["layers"], key=lambda r: r["layer"])
+    heads = max([len(r.get("kept_per_head") or []) for r in layers]
+                + [len(r.get("key_clusters_per_head") or []) for r in layers] + [1])
+    rows = []
+    for r in layers:
+        per_head = list(r.get("kept_per_head") or [])
+        if not per_head and r.get("kept_fraction") is not None and math.isfinite(r["kept_fraction"]):
+            per_head = [r["kept_fraction"]] * heads
+        rows.append(per_head)
+    return rows
+
+
+def _time_per_call(data: dict) -> tuple:
+    layers = sorted(data["layers"], key=lambda r: r["layer"])
+    calls = [max(1, r.get("sparse_calls", 0) + r.get("dense_calls", 0)) for r in layers]
+    return ([r.get("time_ms", 0.0) / c for r, c in zip(layers, calls)],
+            [r.get("clustering_ms", 0.0) / c for r, c in zip(layers, calls)])
+
+
+def shared_ranges(reports: Sequence, layer_values: Optional[Sequence[Optional[Mapping]]] = None) -> dict:
+    """One range per quantity over several reports: kept fraction, key clusters, time per call, extra series."""
+    data = [_as_dict(r) for r in reports]
+    kept = _finite(v for d in data for row in _kept_rows(d) for v in row)
+    clusters = _finite(v for d in data for r in d["layers"] for v in (r.get("key_clusters_per_head") or []))
+    times = _finite(v for d in data for v in _time_per_call(d)[0])
+    extra: dict = {}
+    for series_set in layer_values or []:
+        for name, series in (series_set or {}).items():
+            extra.setdefault(name, []).extend(_finite(series.values()))
+    return {"kept": (0.0, max([0.05] + kept)), "clusters": (min(clusters, default=0.0), max(clusters, default=1.0)),
+            "time": max(times, default=1.0), "extra": {name: max(v, default=1.0) for name, v in extra.items()}}
+
+
 def render_report(report, title: Optional[str] = None,
-                  layer_values: Optional[Mapping[str, Mapping[int, float]]] = None) -> Image.Image:
+                  layer_values: Optional[Mapping[str, Mapping[int, float]]] = None,
+                  ranges: Optional[dict] = None) -> Image.Image:
     """Image of one run report: kept fraction and key clusters per layer x head, dense layers, time per layer.
 
     ``report``: a RunReport or its ``to_dict()``. ``layer_values``: optional extra per-layer series
-    (name -> {layer: value}), e.g. the measured error per layer, drawn as one more bar panel each."""
+    (name -> {layer: value}), e.g. the measured error per layer, drawn as one more bar panel each.
+    ``ranges``: colour scales and bar heights (``shared_ranges``); by default this report's own."""
     data = _as_dict(report)
+    ranges = ranges or shared_ranges([data], [layer_values or {}])
     layers = sorted(data["layers"], key=lambda r: r["layer"])
     layer_ids = [r["layer"] for r in layers]
     dense = {r["layer"] for r in layers if r.get("dense_layer")}
@@ -175,40 +223,30 @@ def render_report(report, title: Optional[str] = None,
     draw.text((MARGIN, MARGIN + 26), summary, fill=INK, font=small)
     y = MARGIN + 52
 
-    kept_rows = []
-    for r in layers:
-        per_head = list(r.get("kept_per_head") or [])
-        if not per_head and r.get("kept_fraction") is not None and math.isfinite(r["kept_fraction"]):
-            per_head = [r["kept_fraction"]] * heads
-        kept_rows.append(per_head)
-    kept_values = [v for row in kept_rows for v in row if v is not None and math.isfinite(v)]
-    kept_high = max([0.05] + kept_values)
+    kept_rows = _kept_rows(data)
     panel = _Panel(draw, (MARGIN, y, WIDTH - MARGIN, y + heat_h), "kept fraction of query-key pairs per layer x head"
                    " (grey = layer ran dense)", font, small)
-    _heatmap(panel, kept_rows, heads, 0.0, kept_high, ".2f", layer_ids, dense, "kept")
+    _heatmap(panel, kept_rows, heads, *ranges["kept"], ".2f", layer_ids, dense, "kept")
     y += heat_h + PANEL_GAP
 
     cluster_rows = [list(r.get("key_clusters_per_head") or []) for r in layers]
-    cluster_values = [v for row in cluster_rows for v in row]
     panel = _Panel(draw, (MARGIN, y, WIDTH - MARGIN, y + heat_h), "key clusters per layer x head (from calibration)",
                    font, small)
-    _heatmap(panel, cluster_rows, heads, min(cluster_values, default=0.0), max(cluster_values, default=1.0), ".0f",
-             layer_ids, set(), "clusters")
+    _heatmap(panel, cluster_rows, heads, *ranges["clusters"], ".0f", layer_ids, set(), "clusters")
     y += heat_h + PANEL_GAP
 
-    calls = [max(1, r.get("sparse_calls", 0) + r.get("dense_calls", 0)) for r in layers]
-    time_per_call = [r.get("time_ms", 0.0) / c for r, c in zip(layers, calls)]
-    clustering_per_call = [r.get("clustering_ms", 0.0) / c for r, c in zip(layers, calls)]
+    time_per_call, clustering_per_call = _time_per_call(data)
     panel = _Panel(draw, (MARGIN, y, WIDTH - MARGIN, y + bar_h), "time per call, ms (blue: whole call, orange: "
                    "clustering + selection; grey: dense layer)", font, small)
     _bars(panel, layer_ids, time_per_call, TIME_COLOR, ".0f", overlay=clustering_per_call,
-          overlay_color=CLUSTERING_COLOR, hatched=dense)
+          overlay_color=CLUSTERING_COLOR, hatched=dense, top=ranges["time"])
     y += bar_h + PANEL_GAP
 
     for name, series in extra.items():
         values = [series.get(layer, series.get(str(layer))) for layer in layer_ids]
         panel = _Panel(draw, (MARGIN, y, WIDTH - MARGIN, y + bar_h), name, font, small)
-        _bars(panel, layer_ids, [float("nan") if v is None else float(v) for v in values], ERROR_COLOR, ".3f")
+        _bars(panel, layer_ids, [float("nan") if v is None else float(v) for v in values], ERROR_COLOR, ".3f",
+              top=ranges["extra"].get(name))
         y += bar_h + PANEL_GAP
     return image
 
@@ -218,11 +256,67 @@ def render_reports(reports: Sequence, titles: Optional[Sequence[str]] = None,
     """Several reports (e.g. one per method) stacked vertically in one image."""
     if not reports:
         raise ValueError("render_reports needs at least one report")
-    images = [render_report(r, titles[i] if titles else None, layer_values[i] if layer_values else None)
+    ranges = shared_ranges(reports, layer_values)
+    images = [render_report(r, titles[i] if titles else None, layer_values[i] if layer_values else None, ranges)
               for i, r in enumerate(reports)]
-    out = Image.new("RGB", (WIDTH, sum(im.height for im in images) + 4 * (len(images) - 1)), GRID)
+    return stack_images(images)
+
+
+def stack_images(images: Sequence[Image.Image]) -> Image.Image:
+    """Images one below the other, separated by a thin grey line."""
+    out = Image.new("RGB", (max(im.width for im in images), sum(im.height for im in images) + 4 * (len(images) - 1)),
+                    GRID)
     y = 0
     for im in images:
         out.paste(im, (0, y))
         y += im.height + 4
     return out
+
+
+def render_tradeoff(points: Sequence[Mapping], title: str = "relative L2 error vs kept fraction, every method",
+                    height: int = 360) -> Image.Image:
+    """Scatter of error (y) against kept fraction (x), one colour per method: its mean as a large marker,
+    each measured call as a dot. ``points``: [{"method", "kept", "rel_l2", "calls": [(kept, rel_l2), ...]}]."""
+    if not points:
+        raise ValueError("render_tradeoff needs at least one method")
+    image = Image.new("RGB", (WIDTH, height), BACKGROUND)
+    draw = ImageDraw.Draw(image)
+    font, small = _font(15), _font(11)
+    legend_w = 300
+    panel = _Panel(draw, (MARGIN, MARGIN, WIDTH - MARGIN - legend_w, height - MARGIN - 14), title, font, small)
+    errors = _finite([p.get("rel_l2") for p in points] + [e for p in points for _, e in p.get("calls", [])])
+    top = max(errors + [1e-3]) * 1.1
+    draw.line((panel.x0, panel.y1, panel.x1, panel.y1), fill=INK)
+    draw.line((panel.x0, panel.y0, panel.x0, panel.y1), fill=INK)
+    for frac in (0.0, 0.25, 0.5, 0.75, 1.0):
+        x = panel.x0 + frac * panel.width
+        y = panel.y1 - frac * panel.height
+        if frac:
+            draw.line((x, panel.y0, x, panel.y1), fill=GRID)
+            draw.line((panel.x0, y, panel.x1, y), fill=GRID)
+        draw.text((x - 8, panel.y1 + 3), f"{frac:.2f}", fill=INK, font=small)
+        draw.text((panel.x0 - 42, y - 6), f"{top * frac:.3f}", fill=INK, font=small)
+    draw.text((panel.x1 - 150, panel.y1 + 16), "kept fraction of query-key pairs", fill=INK, font=small)
+
+    def place(kept, err):
+        return (panel.x0 + min(1.0, max(0.0, kept)) * panel.width,
+                panel.y1 - min(1.0, max(0.0, err / top)) * panel.height)
+
+    for i, p in enumerate(points):
+        color = METHOD_COLORS[i % len(METHOD_COLORS)]
+        for kept, err in p.get("calls", []):
+            if kept is not None and err is not None and math.isfinite(kept) and math.isfinite(err):
+                x, y = place(kept, err)
+                draw.ellipse((x - 1.5, y - 1.5, x + 1.5, y + 1.5), fill=color)
+        if p.get("kept") is not None and p.get("rel_l2") is not None and math.isfinite(p["kept"]) \
+                and math.isfinite(p["rel_l2"]):
+            x, y = place(p["kept"], p["rel_l2"])
+            draw.rectangle((x - 5, y - 5, x + 5, y + 5), fill=color, outline=INK)
+        ly = panel.y0 + 18 * i
+        lx = WIDTH - MARGIN - legend_w + 16
+        draw.rectangle((lx, ly + 2, lx + 10, ly + 12), fill=color, outline=INK)
+        label = p["method"]
+        if p.get("kept") is not None and math.isfinite(p.get("kept", math.nan)):
+            label += f"  ({100 * p['kept']:.1f}% kept, {p['rel_l2']:.4f})"
+        draw.text((lx + 16, ly), label, fill=INK, font=small)
+    return image

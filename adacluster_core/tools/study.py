@@ -1,6 +1,7 @@
 """Selection study: error and kept attention mass per kept fraction, for every selection part.
 
-    python -m comfyui_adacluster.adacluster_core.tools.study [--out-dir output] [--quick]
+    adacluster-study [--out-dir output] [--quick]
+    (or: python -m comfyui_adacluster.adacluster_core.tools.study)
 
 On the main command's workload, every layer is clustered exactly as the runner does (calibration on the
 last warm-up step, warm-started k-means with fixed counts on every later step), then on the measured
@@ -29,8 +30,9 @@ from .. import selection
 from ..attention import CallInfo, SparseAttention
 from ..cache import RunCache
 from ..config import SELECTION_RECIPES, SelectionConfig, from_dict
-from .demo import (DenseReference, _kept_pairs_fraction, _progress, layout_attended, layout_kept_fraction,
-                   relative_l2, run_sol, sol_attn_function, sol_routing, SOL_BLOCK)
+from .demo import (DenseReference, _kept_pairs_fraction, _progress, add_threads_flag, check_flags, finite_json,
+                   layout_attended, layout_kept_fraction, out_dir_problem, relative_l2, run_sol, set_threads,
+                   sol_attn_function, sol_routing, SOL_BLOCK)
 from .workload import VideoAttentionWorkload, WorkloadConfig
 
 TARGETS = (0.10, 0.15, 0.20)
@@ -174,27 +176,59 @@ def points_table(points: list[Point]) -> str:
     return "\n".join(lines)
 
 
-def main(argv=None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="adacluster-study", description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="tiny workload (for tests)")
-    parser.add_argument("--layers", type=int, default=6)
-    parser.add_argument("--steps", type=int, default=6)
-    parser.add_argument("--warmup", type=int, default=1)
-    parser.add_argument("--measure", type=str, default="last", help="'last' or comma-separated steps")
-    parser.add_argument("--samples", type=int, default=256)
+    parser.add_argument("--layers", type=int, default=6, help="transformer layers, 1 to 256 (default 6)")
+    parser.add_argument("--steps", type=int, default=6, help="sampler steps, 2 to 1000 (default 6)")
+    parser.add_argument("--warmup", type=int, default=1,
+                        help="dense warm-up steps, at least 1 (the last calibrates) and below --steps (default 1)")
+    parser.add_argument("--measure", type=str, default="last",
+                        help="steps to measure: 'last' or comma-separated step numbers from --warmup to --steps - 1")
+    parser.add_argument("--samples", type=int, default=256, help="queries sampled per call, 1 or more (default 256)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out-dir", type=Path, default=Path("output"))
+    parser.add_argument("--out-dir", type=Path, default=Path("output"), help="folder for the results (default ./output)")
     parser.add_argument("--no-progress", action="store_true")
+    add_threads_flag(parser)
+    return parser
+
+
+def parse_args(argv=None):
+    """Checked flags, the workload config and the measured steps; exits with status 2 naming a bad flag."""
+    parser = build_parser()
     args = parser.parse_args(argv)
     shape = dict(frames=2, height=16, width=16, heads=2, layers=2, steps=3) if args.quick else dict(
         layers=args.layers, steps=args.steps)
-    workload = VideoAttentionWorkload(WorkloadConfig(seed=args.seed, **shape))
-    steps = workload.config.steps
-    measured = [steps - 1] if args.measure == "last" else [int(s) for s in args.measure.split(",")]
-    if not 1 <= args.warmup < steps or any(not args.warmup <= s < steps for s in measured):
-        print(f"adacluster-study: need 1 <= --warmup ({args.warmup}) <= measured steps {measured} < steps ({steps})",
-              file=sys.stderr)
-        return 2
+    steps = shape["steps"]
+    check_flags(parser, args, [
+        ("--layers", args.quick or 1 <= args.layers <= 256, "an integer in [1, 256]"),
+        ("--steps", args.quick or 2 <= args.steps <= 1000, "an integer in [2, 1000] (a warm-up step and a measured step)"),
+        ("--warmup", 1 <= args.warmup < steps, f"an integer in [1, {steps - 1}] (below --steps {steps})"),
+        ("--samples", args.samples >= 1, "an integer >= 1"),
+        ("--seed", 0 <= args.seed < 2 ** 62, "an integer in [0, 2**62)"),
+        ("--threads", args.threads >= 0, "an integer >= 0 (0 keeps torch's default)"),
+    ])
+    if args.measure == "last":
+        measured = [steps - 1]
+    else:
+        try:
+            measured = sorted({int(part) for part in args.measure.split(",")})
+        except ValueError:
+            parser.error(f"--measure {args.measure}: expected 'last' or comma-separated step numbers, e.g. 3,5")
+        bad = [m for m in measured if not args.warmup <= m < steps]
+        if bad:
+            parser.error(f"--measure {args.measure}: steps {bad} are outside [{args.warmup}, {steps - 1}] "
+                         f"(from --warmup {args.warmup} to --steps {steps} minus 1)")
+    problem = out_dir_problem(args.out_dir)
+    if problem:
+        parser.error(f"--out-dir {args.out_dir}: {problem}")
+    return args, WorkloadConfig(seed=args.seed, **shape).validate(), measured
+
+
+def main(argv=None) -> int:
+    args, config, measured = parse_args(argv)
+    set_threads(args.threads)
+    workload = VideoAttentionWorkload(config)
     started = time.perf_counter()
     print(f"workload: {workload.describe()}; measured steps {measured}")
     points = run_study(workload, args.warmup, measured, args.samples, progress=not args.no_progress)
@@ -206,9 +240,9 @@ def main(argv=None) -> int:
     md.write_text(f"# Selection study\n\nWorkload: {workload.describe()}; measured steps {measured}; every layer "
                   f"sparse; mean over layers and heads. Interpolated at equal kept fraction:\n\n{table}\n\n"
                   f"## All points\n\n{points_table(points)}\n\n({elapsed:.0f} s)\n")
-    (args.out_dir / "selection_study.json").write_text(json.dumps(
+    (args.out_dir / "selection_study.json").write_text(json.dumps(finite_json(
         {"workload": dataclasses.asdict(workload.config), "measured_steps": measured,
-         "points": [dataclasses.asdict(p) for p in points]}, indent=1))
+         "points": [dataclasses.asdict(p) for p in points]}), indent=1, allow_nan=False))
     print(f"wrote {md} ({elapsed:.0f} s)")
     return 0
 

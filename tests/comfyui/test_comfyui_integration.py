@@ -107,7 +107,10 @@ def test_report_saves_a_profile_that_a_later_run_loads(comfy):
     assert "calibration profile saved" in _report(entry)["text"]
     saved = load_file(str(path))
 
-    settings = {**TINY_SETTINGS, "calibration_profile": "tiny_wan"}
+    info = comfy.object_info()["AdaClusterSparseAttention"]
+    assert _combo_options(_node_inputs(info)["calibration_profile"])[:1] == [""]
+    assert "tiny_wan.safetensors" in _combo_options(_node_inputs(info)["calibration_profile"])
+    settings = {**TINY_SETTINGS, "calibration_profile": "tiny_wan.safetensors"}
     entry = comfy.run(t2v_graph("wan", settings, "profile_load"))
     _assert_ok(comfy, entry)
     data = _report(entry)["report"]
@@ -169,22 +172,86 @@ def test_chains_to_a_previous_attention_override(comfy):
     ("sparsity_threshold", -1.0, "-1"),
     ("selection", "best", "best"),
     ("top_k_clusters", 5000, "5000"),
+    ("initial_top_k", 0, "0"),
     ("calibration_profile", "missing_profile.safetensors", "missing_profile.safetensors"),
+    ("calibration_profile", "../../../../etc/passwd", "passwd"),
 ])
-def test_bad_widget_value_is_rejected_naming_it(comfy, name, value, expected):
+def test_bad_widget_value_gives_one_error_on_that_input(comfy, name, value, expected):
     status, body = comfy.queue(t2v_graph("wan", {**TINY_SETTINGS, name: value}, "bad"))
+    if status == 200 and name == "selection" and comfy.tree.version == "0.3.64":
+        # ComfyUI 0.3.64 does not check the options of V3 combos when queuing: the node refuses the value.
+        entry = comfy.wait(body["prompt_id"])
+        messages = [m for m in entry["status"]["messages"] if m[0] == "execution_error"]
+        assert len(messages) == 1 and messages[0][1]["node_id"] == "5", entry["status"]
+        assert "selection = 'best' is not one of 'hybrid', 'paper', 'svg2'" in messages[0][1]["exception_message"]
+        return
     assert status == 400, body
     errors = body["node_errors"]["5"]["errors"]
+    assert len(errors) == 1, json.dumps(errors, indent=1)
+    assert errors[0]["extra_info"]["input_name"] == name
     text = json.dumps(errors)
     assert name in text and expected in text, text
 
 
-def test_cross_field_rule_is_rejected(comfy):
-    settings = {**TINY_SETTINGS, "selection": "paper", "initial_top_k": 2, "top_k_clusters": 50}
-    status, body = comfy.queue(t2v_graph("wan", settings, "bad"))
-    assert status == 400
-    text = json.dumps(body["node_errors"]["5"]["errors"])
-    assert "selection.top_k = 50" in text and "initial_key_clusters x max_stages" in text, text
+def test_widget_values_are_accepted_whatever_the_other_widgets(comfy):
+    # initial_top_k 1 with the selection's own Top-K (16 > the 10 clusters a layer can have) keeps every cluster.
+    entry = comfy.run(t2v_graph("wan", {**TINY_SETTINGS, "initial_top_k": 1, "top_k_clusters": 0}, "k1", steps=2))
+    _assert_ok(comfy, entry)
+
+
+@pytest.mark.parametrize("name", ["/tmp/adacluster_abs_profile", "../escaped_profile", "sub/dir_profile", "..",
+                                  "..\\win_profile"])
+def test_profile_names_outside_the_folder_are_refused_and_nothing_is_written(comfy, name, tmp_path):
+    before = {p for p in comfy.base.rglob("*") if p.is_file()}
+    graph = t2v_graph("wan", TINY_SETTINGS, "bad_profile", steps=2)
+    graph["8"]["inputs"]["save_profile"] = name
+    del graph["7"]  # the report is the only output: a prompt whose every output is invalid is refused (400)
+    status, body = comfy.queue(graph)
+    assert status == 400, body
+    errors = body["node_errors"]["8"]["errors"]
+    assert len(errors) == 1 and errors[0]["extra_info"]["input_name"] == "save_profile", errors
+    from comfyui_adacluster.adacluster_core.profiles import check_profile_name
+
+    assert errors[0]["details"] == f"save_profile - {check_profile_name(name)}"  # the README shows this message
+    assert not Path("/tmp/adacluster_abs_profile.safetensors").exists()
+    after = {p for p in comfy.base.rglob("*") if p.is_file()}
+    assert not [p for p in after - before if p.suffix == ".safetensors"], after - before
+
+
+def test_saving_never_overwrites_a_file_that_is_not_a_profile(comfy):
+    folder = comfy.base / "models" / "adacluster_profiles"
+    folder.mkdir(parents=True, exist_ok=True)
+    victim = folder / "user_weights.safetensors"
+    from safetensors.torch import save_file
+
+    save_file({"w": torch.randn(3, 3)}, str(victim))
+    content = victim.read_bytes()
+    graph = t2v_graph("wan", TINY_SETTINGS, "no_overwrite", steps=2)
+    graph["8"]["inputs"]["save_profile"] = "user_weights"
+    entry = comfy.run(graph)
+    _assert_ok(comfy, entry)
+    assert "calibration profile not saved" in _report(entry)["text"] and victim.read_bytes() == content
+
+
+def _combo_options(spec) -> list:
+    """The options of a combo input in /object_info ([options, info] or ["COMBO", {"options": ...}])."""
+    if isinstance(spec[0], list):
+        return spec[0]
+    return list(spec[1].get("options", [])) if spec[0] == "COMBO" else []
+
+
+def test_object_info_lists_every_combo_default_first(comfy):
+    info = comfy.object_info()
+    checked = 0
+    for node in ("AdaClusterSparseAttention", "AdaClusterReport"):
+        for name, spec in _node_inputs(info[node]).items():
+            options = _combo_options(spec)
+            if options:
+                default = spec[1].get("default", options[0]) if len(spec) > 1 else options[0]
+                assert options[0] == default, (node, name, options, default)
+                checked += 1
+    assert checked == 3
+    assert _combo_options(_node_inputs(info["AdaClusterSparseAttention"])["selection"]) == ["hybrid", "paper", "svg2"]
 
 
 def test_interrupted_run_leaves_no_cache(comfy):
@@ -227,3 +294,12 @@ def test_workflow_validates_and_ui_converts_to_api(comfy, name):
 def test_workflows_show_in_the_template_browser(comfy):
     templates = comfy.get("/workflow_templates")
     assert sorted(templates.get("comfyui-adacluster", [])) == WORKFLOW_NAMES
+
+
+def test_workflow_thumbnails_are_served_next_to_the_templates(comfy):
+    import urllib.request
+
+    for name in WORKFLOW_NAMES:
+        with urllib.request.urlopen(comfy.url(f"/api/workflow_templates/comfyui-adacluster/{name}.png"),
+                                    timeout=30) as response:
+            assert response.status == 200 and response.read(8) == b"\x89PNG\r\n\x1a\n", name

@@ -47,23 +47,62 @@ def test_bad_widget_values_name_value_and_range(name, value, fragment):
     assert fragment in str(info.value)
 
 
-def test_validation_checks_cross_field_rule_and_profile_file(tmp_path):
-    message = widgets.validate_widgets({"selection": "paper", "initial_top_k": 3, "top_k_clusters": 31})
-    assert "selection.top_k = 31" in message
-    assert "selection.top_k = 31" in widgets.validate_widgets({"selection": "hybrid", "initial_top_k": 3,
-                                                                "top_k_clusters": 31})
-    # svg2 keeps clusters by attention mass, so the Top-K cap does not apply; 0 keeps the recipe's own Top-K
-    assert widgets.validate_widgets({"selection": "svg2", "initial_top_k": 3, "top_k_clusters": 31}) is None
-    assert widgets.validate_widgets({"selection": "hybrid", "initial_top_k": 3, "top_k_clusters": 0}) is None
+def test_every_widget_value_in_range_is_accepted_whatever_the_other_widgets():
+    # No widget is refused because of another one: a Top-K at or above a layer's cluster count keeps them all.
+    for selection in widgets.RECIPES:
+        for initial, top_k in ((1, 0), (1, 4096), (3, 31), (4096, 1)):
+            config = widgets.config_from_widgets("wan", selection=selection, initial_top_k=initial,
+                                                 top_k_clusters=top_k)
+            assert config.initial_key_clusters == initial
     assert widgets.config_from_widgets("wan", selection="hybrid", top_k_clusters=0).selection.top_k == 16
     assert widgets.config_from_widgets("wan", selection="paper", top_k_clusters=0).selection.top_k == 64
     assert widgets.config_from_widgets("wan", selection="svg2").method == "svg2"
     assert widgets.config_from_widgets("wan", selection="hybrid").method == "adacluster"
-    message = widgets.validate_widgets({"calibration_profile": "nope.safetensors"}, str(tmp_path))
-    assert "nope.safetensors" in message and "adacluster_profiles" in message
-    (tmp_path / "adacluster_profiles").mkdir()
-    (tmp_path / "adacluster_profiles" / "p.safetensors").write_bytes(b"x")
-    assert widgets.validate_widgets({"calibration_profile": "p.safetensors"}, str(tmp_path)) is None
+
+
+def test_every_combo_lists_its_default_first():
+    tables = list(widgets.WIDGETS) + list(widgets.REPORT_WIDGETS)
+    combos = [w for w in tables if w.kind == "COMBO"]
+    assert {w.name for w in combos} == {"preset", "selection", "calibration_profile"}
+    for w in combos:
+        assert w.option_list()[0] == w.default, w.name
+    assert widgets.WIDGETS_BY_NAME["selection"].option_list() == ["hybrid", "paper", "svg2"]
+    with pytest.raises(ValueError, match="must be the first option"):
+        widgets.Widget("x", "COMBO", "b", "tip", "x", options=("a", "b"))
+
+
+def test_a_node_has_at_most_one_custom_checked_widget():
+    # ComfyUI repeats a custom validator's error under every input it takes: one checked widget per node.
+    assert widgets.custom_validator(widgets.WIDGETS) is widgets.WIDGETS_BY_NAME["calibration_profile"]
+    assert widgets.custom_validator(widgets.REPORT_WIDGETS) is widgets.SAVE_PROFILE_WIDGET
+    checked = widgets.Widget("a", "STRING", "", "tip", "a", check=lambda v: None)
+    with pytest.raises(ValueError, match="custom check"):
+        widgets.custom_validator((checked, widgets.SAVE_PROFILE_WIDGET))
+
+
+@pytest.mark.parametrize("name", ["/tmp/x", "../x", "a/b", "a\\b", "..", ".hidden", "x" * 200, "a b", "C:x", "ü"])
+def test_save_name_must_be_a_plain_file_name(name):
+    message = widgets.check_value(widgets.SAVE_PROFILE_WIDGET, name)
+    assert message and message.startswith("save_profile: ") and "plain file name" in message
+
+
+def test_save_name_accepts_plain_names_and_empty():
+    for name in ("", "wan14b_720p_81f", "run-2.safetensors", "a.b"):
+        assert widgets.check_value(widgets.SAVE_PROFILE_WIDGET, name) is None
+
+
+def test_node_validators_take_exactly_one_input():
+    import inspect
+
+    from comfyui_adacluster.nodes.v1 import AdaClusterReportV1, AdaClusterSparseAttentionV1
+
+    assert list(inspect.signature(AdaClusterSparseAttentionV1.VALIDATE_INPUTS).parameters) == ["calibration_profile"]
+    assert AdaClusterSparseAttentionV1.VALIDATE_INPUTS("") is True
+    message = AdaClusterSparseAttentionV1.VALIDATE_INPUTS("../../etc/passwd")
+    assert message.startswith("'../../etc/passwd' is not a calibration profile in the adacluster_profiles"), message
+    assert list(inspect.signature(AdaClusterReportV1.VALIDATE_INPUTS).parameters) == ["save_profile"]
+    assert AdaClusterReportV1.VALIDATE_INPUTS("../evil").startswith("'../evil' is not a plain file name")
+    assert AdaClusterReportV1.VALIDATE_INPUTS("fine") is True
 
 
 def test_branch_keys_keep_cond_and_uncond_apart():
@@ -127,4 +166,5 @@ def test_v1_input_types_match_the_widget_table():
     names = list(spec["required"]) + list(spec["optional"])
     assert names == ["model"] + [w.name for w in widgets.WIDGETS]
     assert spec["required"]["query_clusters"][1]["min"] == 1
-    assert spec["required"]["selection"][0] == list(widgets.RECIPES)
+    assert spec["required"]["selection"][0] == ["hybrid", "paper", "svg2"]
+    assert spec["optional"]["calibration_profile"][0] == [""]  # outside ComfyUI: no profile folder
