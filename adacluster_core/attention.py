@@ -32,17 +32,24 @@ class CallInfo:
     text_len: int = 0  # joint attention: number of text tokens in the sequence
     text_first: bool = False  # text tokens before the video tokens (CogVideoX) or after (HunyuanVideo)
     mask: Optional[torch.Tensor] = None  # additive or bool mask over keys, broadcastable to (B, H, N, N)
+    heads: Optional[tuple] = None  # model-wide index of each head of q (sequence parallelism); None: 0..H-1
 
 
 class SparseAttention:
-    """``observer(call, batch_index, layout)``, if given, sees every layout before it runs (for measurements)."""
+    """``observer(call, batch_index, layout)``, if given, sees every layout before it runs (for measurements).
+
+    ``dense_layer_agreement(calibrated)``, if given, maps this process's calibrated layers
+    {layer: (mean key clusters, any head hard)} to the values shared by every process that holds a part of
+    the heads (sequence parallelism), so all of them pick the same dense layers."""
 
     def __init__(self, config: AdaClusterConfig, cache: RunCache,
-                 observer: Optional[Callable[[CallInfo, int, Layout], None]] = None):
+                 observer: Optional[Callable[[CallInfo, int, Layout], None]] = None,
+                 dense_layer_agreement: Optional[Callable[[dict], dict]] = None):
         self.config = config.validate()
         self.cache = cache
         self.cache.method = config.method
         self.observer = observer
+        self.dense_layer_agreement = dense_layer_agreement
 
     # ------------------------------------------------------------------ policy
     def decide(self, q_shape, k_shape, call: CallInfo) -> Optional[str]:
@@ -69,6 +76,8 @@ class SparseAttention:
         if cache.dense_layers is None and (self.config.warmup_steps > 0 or step > 0):
             calibrated = cache.calibrated_layers()
             if calibrated:
+                if self.dense_layer_agreement is not None:
+                    calibrated = self.dense_layer_agreement(calibrated)
                 ranked = sorted(calibrated, key=lambda layer: calibrated[layer][0], reverse=True)
                 n_dense = math.floor(self.config.dense_layer_fraction * len(ranked) + 0.5)  # nearest, halves up
                 if self.config.method == "svg2":  # fixed cluster counts: no ranking to pick dense layers by
@@ -79,8 +88,11 @@ class SparseAttention:
 
     # ------------------------------------------------------------------ call
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, call: CallInfo,
-                 dense: Callable[[], torch.Tensor]) -> torch.Tensor:
-        """q, k, v: (B, H, N, d). ``dense()`` gives the caller's dense result (B, H, N, d)."""
+                 dense: Callable[[], torch.Tensor], return_lse: bool = False):
+        """q, k, v: (B, H, N, d). ``dense()`` gives the caller's dense result (B, H, N, d).
+
+        With ``return_lse`` the result is (out, lse (B, H, N) fp32, natural log) and ``dense()`` returns such
+        a pair too."""
         total = Timer(q.device)
         reason = self.decide(q.shape, k.shape, call)
         video = self._video_slice(q.shape[-2], call)
@@ -98,9 +110,9 @@ class SparseAttention:
             out = dense()
             self.cache.record(CallRecord(call.layer, call.step, False, reason, total.stop()))
             return out
-        return self._sparse(q, k, v, call, video, mask, total)
+        return self._sparse(q, k, v, call, video, mask, total, return_lse)
 
-    def _sparse(self, q, k, v, call, video, mask, total):
+    def _sparse(self, q, k, v, call, video, mask, total, return_lse=False):
         batch, heads, n, d = q.shape
         text = self._text_slice(n, call)
         qv, kv, vv = q[:, :, video], k[:, :, video], v[:, :, video]
@@ -116,13 +128,20 @@ class SparseAttention:
             text_k, text_v = k[:, :, text], v[:, :, text]
             text_bias = None if mask is None else _mask_block(mask, video, text)
             out = torch.empty_like(q)
-            out[:, :, video] = kernels.execute_layout(qv, kv, vv, layout, text_k=text_k, text_v=text_v,
-                                                      text_bias=text_bias)
+            video_out = kernels.execute_layout(qv, kv, vv, layout, text_k=text_k, text_v=text_v,
+                                               text_bias=text_bias, return_lse=return_lse)
             # text queries attend every key densely
             text_mask = None if mask is None else _mask_block(mask, text, slice(None))
-            out[:, :, text] = kernels.dense_attention(q[:, :, text], k, v, mask=text_mask)
+            if return_lse:
+                lse = q.new_empty(q.shape[:-1], dtype=torch.float32)
+                out[:, :, video], lse[:, :, video] = video_out
+                out[:, :, text], lse[:, :, text] = kernels.reference.dense_attention(q[:, :, text], k, v, bias=text_mask)
+                out = (out, lse)
+            else:
+                out[:, :, video] = video_out
+                out[:, :, text] = kernels.dense_attention(q[:, :, text], k, v, mask=text_mask)
         else:  # no copy: the executor's output is the call's output
-            out = kernels.execute_layout(qv, kv, vv, layout)
+            out = kernels.execute_layout(qv, kv, vv, layout, return_lse=return_lse)
         self.cache.record(CallRecord(call.layer, call.step, True, None, total.stop(), clustering_timer,
                                      kept=kept, key_counts=kc.counts))
         return out
@@ -143,8 +162,8 @@ class SparseAttention:
     def _calibrate(self, q: torch.Tensor, k: torch.Tensor, call: CallInfo, b: int) -> torch.Tensor:
         """Full clustering of one batch element; stores the branch state. Returns (H,) key counts."""
         cfg = self.config
-        gen = clustering.generator_for(cfg.seed, call.layer)
         n = q.shape[-2]
+        gen = clustering.head_generators(cfg.seed, call.layer, call.heads or range(q.shape[1]))
         if cfg.method == "svg2":
             qc = _euclidean(q, min(cfg.query_clusters, n), cfg.calibration_iters, gen)
             kc = _euclidean(k, min(cfg.key_clusters_svg2, n), cfg.calibration_iters, gen)
