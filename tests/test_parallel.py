@@ -7,6 +7,7 @@ same dense layers although their own heads would rank the layers differently."""
 import itertools
 import math
 import os
+import threading
 
 import pytest
 import torch
@@ -15,7 +16,7 @@ import torch.multiprocessing as mp
 from comfyui_adacluster.adacluster_core.attention import CallInfo, SparseAttention
 from comfyui_adacluster.adacluster_core.cache import RunCache
 from comfyui_adacluster.adacluster_core.config import from_dict
-from comfyui_adacluster.adacluster_core import parallel, parallel_balance as balance
+from comfyui_adacluster.adacluster_core import comfy_adapter, parallel, parallel_balance as balance
 from comfyui_adacluster.kernels import reference as R
 from qkv_data import structured_qkv
 
@@ -204,3 +205,62 @@ def test_balance_rejects_bad_costs():
         balance.balanced_assignment([0.1, 0.2, 0.3], 2)
     with pytest.raises(ValueError, match="finite and >= 0"):
         balance.balanced_assignment([0.1, float("nan")], 2)
+
+
+CFG_DEVICES = [("cpu", "cpu"), pytest.param(("cuda:0", "cuda:1"), marks=pytest.mark.skipif(
+    torch.cuda.device_count() < 2, reason="needs 2 CUDA devices (cond and uncond on different GPUs)"))]
+
+
+@pytest.mark.parametrize("devices", CFG_DEVICES)
+def test_cfg_split_threads_match_one_batched_run(devices):
+    """ComfyUI's MultiGPU CFG Split runs cond and uncond at the same time, in one thread per GPU, through
+    the same patch (one runner and run cache; states keyed by branch and device). Every step and layer
+    must give what one batched call gives, and the same dense layers."""
+    config = from_dict(CONFIG)
+    inputs = {(s, l): tuple(t.transpose(1, 2) for t in layer_inputs(l, s)) for s in range(STEPS) for l in range(LAYERS)}
+    ref_cache = RunCache()
+    ref = SparseAttention(config, ref_cache)
+    ref_cache.start_run(STEPS)
+    expected = {}
+    for (step, layer), (q, k, v) in inputs.items():
+        call = CallInfo(layer=layer, step=step, total_steps=STEPS, branches=BRANCHES)
+        expected[step, layer] = ref(q, k, v, call, lambda: R.dense_attention(q, k, v)[0])
+
+    cache = RunCache()
+    runner = SparseAttention(config, cache)
+    cache.start_run(STEPS)
+    got, errors = {}, []
+    step_done = threading.Barrier(2)  # the sampler waits for every device at each step
+
+    def work(b):
+        try:
+            device = torch.device(devices[b])
+            branch = comfy_adapter.branch_keys(1, [BRANCHES[b][0]], [BRANCHES[b][1]], device)
+            for step in range(STEPS):
+                for layer in range(LAYERS):
+                    q, k, v = (t[b:b + 1].to(device) for t in inputs[step, layer])
+                    call = CallInfo(layer=layer, step=step, total_steps=STEPS, branches=branch)
+                    got[step, layer, b] = runner(q, k, v, call, lambda: R.dense_attention(q, k, v)[0]).cpu()
+                step_done.wait()
+        except BaseException as exc:  # noqa: BLE001 - re-raised in the main thread
+            errors.append(exc)
+            step_done.abort()
+
+    threads = [threading.Thread(target=work, args=(b,)) for b in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    tolerance = dict(atol=2e-5, rtol=1e-4) if devices[0] == "cpu" else dict(atol=2e-3, rtol=1e-2)
+    for (step, layer), out in expected.items():
+        torch.testing.assert_close(torch.cat([got[step, layer, 0], got[step, layer, 1]]), out, **tolerance)
+    assert cache.dense_layers == ref_cache.dense_layers == frozenset({1})
+    assert {key[-1] for _, key in cache.states} == {str(torch.device(d)) for d in devices}
+    assert sum(r.sparse for r in cache.records) == sum(r.sparse for r in ref_cache.records) * 2
+
+
+def test_branch_keys_carry_the_device_when_given():
+    keys = comfy_adapter.branch_keys(2, [0, 1], ["pos", "neg"], torch.device("cuda", 1))
+    assert keys == ((0, "pos", 0, "cuda:1"), (1, "neg", 0, "cuda:1"))
+    assert comfy_adapter.branch_keys(2, [0, 1], ["pos", "neg"]) == ((0, "pos", 0), (1, "neg", 0))
