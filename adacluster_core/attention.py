@@ -135,7 +135,8 @@ class SparseAttention:
             if return_lse:
                 lse = q.new_empty(q.shape[:-1], dtype=torch.float32)
                 out[:, :, video], lse[:, :, video] = video_out
-                out[:, :, text], lse[:, :, text] = kernels.reference.dense_attention(q[:, :, text], k, v, bias=text_mask)
+                text_rows = kernels.reference.dense_attention(q[:, :, text], k, v, bias=text_mask)
+                out[:, :, text], lse[:, :, text] = text_rows
                 out = (out, lse)
             else:
                 out[:, :, video] = video_out

@@ -34,6 +34,11 @@ from .config import AdaClusterConfig
 
 log = logging.getLogger(__name__)
 
+try:  # optional: flash-attn's forward returns the LSE of dense calls
+    from flash_attn import flash_attn_func as _flash_attn_func
+except Exception:  # noqa: BLE001 - any import failure means "not available"
+    _flash_attn_func = None
+
 # attn_type for yunchang / xfuser that makes them call the attn_processor (no AttnType member has this value)
 ATTN_TYPE = "adacluster"
 
@@ -59,7 +64,14 @@ def contiguous_heads(num_heads: int, rank: int, world: int) -> tuple:
 def dense_with_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: Optional[float] = None):
     """Exact attention with its per-row log-sum-exp for (B, H, N, d): (out in q's dtype, lse fp32 (B, H, N)).
 
-    Chunked over query rows (the kernels' reference pass), so N x N is never held at once."""
+    flash-attn (which returns the LSE) for fp16 / bf16 CUDA tensors when it is installed; otherwise the
+    kernels' reference pass, chunked over query rows so that N x N is never held at once (fp32, slow on
+    large GPU calls)."""
+    if _flash_attn_func is not None and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) \
+            and q.shape[-1] <= 256:
+        out, lse, _ = _flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                       softmax_scale=scale, return_attn_probs=True)
+        return out.transpose(1, 2), lse.float()
     return kernels.reference.dense_attention(q, k, v, scale=scale)
 
 
@@ -91,10 +103,12 @@ def agree_across_ranks(group=None):
 class UlyssesSparseAttention:
     """Per-rank owner of the runner, run cache and statistics for one sequence-parallel model.
 
-    ``num_heads``: the model's head count. ``head_order``: the model-wide head at each position of the head
-    dimension the engine splits (the same on every rank), when the caller permutes heads before the
-    all-to-all (``parallel_balance.balanced_permutation``); default 0..H-1. This rank sees the rank-th
-    contiguous slice of it."""
+    ``group``: the Ulysses process group (yunchang's ``PROCESS_GROUP.ULYSSES_PG`` when Ulysses is combined
+    with other parallelism; default: the whole world). ``num_heads``: the model's head count.
+    ``head_order``: the model-wide head at each position of the head dimension the engine splits (the same
+    on every rank), when the caller permutes heads before the all-to-all
+    (``parallel_balance.balanced_permutation``); default 0..H-1. This rank sees the rank-th contiguous
+    slice of it. Text length and the sampler step come per model call (``begin_model_call``)."""
 
     def __init__(self, config: AdaClusterConfig, num_heads: int, group=None,
                  head_order: Optional[Sequence[int]] = None):

@@ -264,3 +264,14 @@ def test_branch_keys_carry_the_device_when_given():
     keys = comfy_adapter.branch_keys(2, [0, 1], ["pos", "neg"], torch.device("cuda", 1))
     assert keys == ((0, "pos", 0, "cuda:1"), (1, "neg", 0, "cuda:1"))
     assert comfy_adapter.branch_keys(2, [0, 1], ["pos", "neg"]) == ((0, "pos", 0), (1, "neg", 0))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or parallel._flash_attn_func is None,
+                    reason="the flash-attn dense path needs CUDA and flash-attn")
+def test_dense_with_lse_flash_path_matches_the_reference():
+    q, k, v = (t.cuda().to(torch.bfloat16) for t in structured_qkv(1, 3, 1037, 64, seed=11))
+    out, lse = parallel.dense_with_lse(q, k, v)
+    ref_out, ref_lse = R.dense_attention(q.float(), k.float(), v.float())
+    assert lse.dtype == torch.float32 and lse.shape == (1, 3, 1037)
+    torch.testing.assert_close(out.float(), ref_out, atol=2e-2, rtol=2e-2)
+    torch.testing.assert_close(lse, ref_lse, atol=2e-2, rtol=1e-3)

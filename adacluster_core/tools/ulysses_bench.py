@@ -14,8 +14,9 @@ For every shape, with the same inputs on every rank (seeded, clustered like vide
   speed-up and the scaling efficiency (1-GPU time / (N x N-GPU time)).
 * the kept-fraction balance of the heads across the ranks.
 
-``--device cpu`` (gloo) with ``--shapes tiny`` checks the script on a CPU. Dense calls compute their LSE
-with the kernels' chunked reference pass (fp32), so the calibration call is slow at 720p; it is not timed.
+``--device cpu`` (gloo) with ``--shapes tiny`` checks the script on a CPU. Dense (calibration) calls are not
+timed; they use flash-attn when it is installed, else the kernels' chunked fp32 reference, which takes
+tens of seconds at 720p.
 """
 from __future__ import annotations
 
@@ -115,8 +116,8 @@ def bench_shape(name, args, rank, world, device):
         cache.start_run(2)
         calls = [CallInfo(layer=0, step=s, total_steps=2, branches=branches, text_len=text, text_first=text_first)
                  for s in range(2)]
-        runner(q4, k4, v4, calls[0], lambda: reference.dense_attention(q4, k4, v4)[0])
-        single = runner(q4, k4, v4, calls[1], lambda: reference.dense_attention(q4, k4, v4)[0]).transpose(1, 2)
+        runner(q4, k4, v4, calls[0], lambda: parallel.dense_with_lse(q4, k4, v4)[0])
+        single = runner(q4, k4, v4, calls[1], lambda: parallel.dense_with_lse(q4, k4, v4)[0]).transpose(1, 2)
         cache.end_run()
         many = torch.cat(gathered, dim=1)
         rows = torch.randperm(tokens, generator=torch.Generator().manual_seed(1))[:args.sample_rows].to(device)
@@ -173,10 +174,10 @@ def main(argv=None):
 
 def _time_single(runner, cache, q4, k4, v4, calls, device, runs):
     """1-GPU steady-state sparse call on rank 0 (no collectives): calibrate at step 0, time step-1 calls."""
-    from ...kernels import reference
+    from .. import parallel
 
     cache.start_run(2)
-    runner(q4, k4, v4, calls[0], lambda: reference.dense_attention(q4, k4, v4)[0])
+    runner(q4, k4, v4, calls[0], lambda: parallel.dense_with_lse(q4, k4, v4)[0])
     runner(q4, k4, v4, calls[1], None)
     call = calls[1]
     times = []
