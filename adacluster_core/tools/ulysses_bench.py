@@ -1,7 +1,7 @@
 """Ulysses sequence parallelism benchmark: the pack's sparse attention on N GPUs (yunchang) against 1 GPU.
 
     torchrun --nproc_per_node=2 -m comfyui_adacluster.adacluster_core.tools.ulysses_bench \
-        [--shapes wan14b-720p hunyuan-720p] [--out ulysses.json]
+        [--shapes wan14b-720p hunyuan-720p] [--full-step] [--out ulysses.json]
 
 For every shape, with the same inputs on every rank (seeded, clustered like video tokens, never zeros):
 
@@ -13,6 +13,8 @@ For every shape, with the same inputs on every rank (seeded, clustered like vide
   (every rank, both all-to-alls included); the attention time of a sparse step (layers x call), the
   speed-up and the scaling efficiency (1-GPU time / (N x N-GPU time)).
 * the kept-fraction balance of the heads across the ranks.
+* with ``--full-step``: the attention of one whole sparse step (every layer's call, the preset's dense
+  layers included, after a calibration step), 1 GPU vs N. Only attention runs, no projections or MLPs.
 
 ``--device cpu`` (gloo) with ``--shapes tiny`` checks the script on a CPU. Dense (calibration) calls are not
 timed; they use flash-attn when it is installed, else the kernels' chunked fp32 reference, which takes
@@ -76,6 +78,7 @@ def bench_shape(name, args, rank, world, device):
     from ..config import load_preset
     from .. import parallel
     from ..parallel_balance import head_balance
+    from ... import kernels
     from ...kernels import reference
 
     heads, video, dim, text, layers = SHAPES[name]
@@ -86,7 +89,8 @@ def bench_shape(name, args, rank, world, device):
     config = load_preset(args.preset)
     if name == "tiny":
         config = config.replace(min_tokens=64, query_clusters=8, initial_key_clusters=16)
-    config = config.replace(warmup_steps=1, dense_layer_fraction=0.0)
+    step_config = config.replace(warmup_steps=1)  # whole step: the preset's dense layers stay dense
+    config = step_config.replace(dense_layer_fraction=0.0)  # one layer: sparse
     q, k, v = clustered_inputs(heads, tokens, dim, device, dtype, seed=args.seed)
     shard = slice(rank * tokens // world, (rank + 1) * tokens // world)
     branches = ((0, "cond", 0),)
@@ -116,8 +120,8 @@ def bench_shape(name, args, rank, world, device):
         cache.start_run(2)
         calls = [CallInfo(layer=0, step=s, total_steps=2, branches=branches, text_len=text, text_first=text_first)
                  for s in range(2)]
-        runner(q4, k4, v4, calls[0], lambda: parallel.dense_with_lse(q4, k4, v4)[0])
-        single = runner(q4, k4, v4, calls[1], lambda: parallel.dense_with_lse(q4, k4, v4)[0]).transpose(1, 2)
+        runner(q4, k4, v4, calls[0], lambda: kernels.dense_attention(q4, k4, v4))
+        single = runner(q4, k4, v4, calls[1], lambda: kernels.dense_attention(q4, k4, v4)).transpose(1, 2)
         cache.end_run()
         many = torch.cat(gathered, dim=1)
         rows = torch.randperm(tokens, generator=torch.Generator().manual_seed(1))[:args.sample_rows].to(device)
@@ -133,6 +137,49 @@ def bench_shape(name, args, rank, world, device):
         result.update({"speedup": one / parallel_ms, "scaling_efficiency": one / (world * parallel_ms),
                        "attention_ms_per_sparse_step_1_gpu": one * layers,
                        "attention_ms_per_sparse_step_n_gpus": parallel_ms * layers})
+    if args.full_step:
+        result.update(full_step(step_config, heads, layers, text, branches, q, k, v, shard, rank, device, args))
+    return result
+
+
+def full_step(config, heads, layers, text, branches, q, k, v, shard, rank, device, args):
+    """Attention time of one whole sparse step: every layer's call, the dense layers included, after a
+    calibration step (all layers see the same inputs; only the attention is timed, not the rest of the
+    model). N GPUs on every rank; 1 GPU on rank 0 afterwards."""
+    from ..attention import CallInfo, SparseAttention
+    from ..cache import RunCache
+    from .. import parallel
+    from ... import kernels
+
+    owner = parallel.UlyssesSparseAttention(config, heads)
+    modules = [parallel.ulysses_attention(owner.processor(layer)) for layer in range(layers)]
+    qs, ks, vs = q[:, shard], k[:, shard], v[:, shard]
+    owner.start_run(2)
+    owner.begin_model_call(0, branches, text)
+    for module in modules:
+        module(qs, ks, vs)
+    owner.begin_model_call(1, branches, text)
+    many = timed(lambda: [module(qs, ks, vs) for module in modules], device, args.step_runs)
+    result = {"full_step_dense_layers": sorted(owner.cache.dense_layers), "full_step_ms_n_gpus": many}
+    owner.end_run()
+    dist.barrier()
+    if rank == 0:
+        cache = RunCache(method=config.method)
+        runner = SparseAttention(config, cache)
+        q4, k4, v4 = (t.transpose(1, 2) for t in (q, k, v))
+        dense = lambda: kernels.dense_attention(q4, k4, v4)  # noqa: E731 - one GPU needs no LSE
+        cache.start_run(2)
+        for step in range(2):
+            calls = [CallInfo(layer=layer, step=step, total_steps=2, branches=branches, text_len=text)
+                     for layer in range(layers)]
+            if step == 0:
+                for call in calls:
+                    runner(q4, k4, v4, call, dense)
+        one = _median_ms(lambda: [runner(q4, k4, v4, call, dense) for call in calls], device, args.step_runs)
+        cache.end_run()
+        result.update({"full_step_ms_1_gpu": one, "full_step_speedup": one / many,
+                       "full_step_scaling_efficiency": one / (owner.world * many)})
+    dist.barrier()
     return result
 
 
@@ -142,6 +189,10 @@ def main(argv=None):
     parser.add_argument("--preset", default="wan", help="preset the configuration starts from (default: wan)")
     parser.add_argument("--runs", type=int, default=10, help="timed runs per measurement (median)")
     parser.add_argument("--sample-rows", type=int, default=256, help="query rows compared with exact attention")
+    parser.add_argument("--full-step", action="store_true",
+                        help="also time the attention of a whole sparse step (every layer; slow without flash-attn, "
+                             "whose LSE the N-GPU dense layers use)")
+    parser.add_argument("--step-runs", type=int, default=3, help="timed runs of the whole step (median)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
     parser.add_argument("--out", help="write the results as JSON here (rank 0)")
@@ -174,26 +225,31 @@ def main(argv=None):
 
 def _time_single(runner, cache, q4, k4, v4, calls, device, runs):
     """1-GPU steady-state sparse call on rank 0 (no collectives): calibrate at step 0, time step-1 calls."""
-    from .. import parallel
+    from ... import kernels
 
     cache.start_run(2)
-    runner(q4, k4, v4, calls[0], lambda: parallel.dense_with_lse(q4, k4, v4)[0])
-    runner(q4, k4, v4, calls[1], None)
-    call = calls[1]
+    runner(q4, k4, v4, calls[0], lambda: kernels.dense_attention(q4, k4, v4))
+    ms = _median_ms(lambda: runner(q4, k4, v4, calls[1], None), device, runs)
+    cache.end_run()
+    return ms
+
+
+def _median_ms(fn, device, runs):
+    """Median ms of fn() on this rank alone (no barrier), after one warm-up."""
+    fn()
     times = []
     for _ in range(runs):
         if device.type == "cuda":
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
-            runner(q4, k4, v4, call, None)
+            fn()
             end.record()
             end.synchronize()
             times.append(start.elapsed_time(end))
         else:
             begin = time.perf_counter()
-            runner(q4, k4, v4, call, None)
+            fn()
             times.append(1000 * (time.perf_counter() - begin))
-    cache.end_run()
     return statistics.median(times)
 
 
