@@ -7,6 +7,7 @@ same dense layers although their own heads would rank the layers differently."""
 import itertools
 import math
 import os
+import socket
 import threading
 
 import pytest
@@ -63,6 +64,9 @@ def _worker(rank, world, init_file, out_dir):
     from yunchang import set_seq_parallel_pg
 
     torch.set_num_threads(1)
+    loopback = [name for _, name in socket.if_nameindex() if name.startswith("lo")]
+    if loopback:  # gloo connects the ranks over loopback, whatever the host name resolves to
+        os.environ.setdefault("GLOO_SOCKET_IFNAME", loopback[0])
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     set_seq_parallel_pg(world, 1, rank, world)
     shard = slice(rank * TOKENS // world, (rank + 1) * TOKENS // world)
