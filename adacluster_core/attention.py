@@ -34,17 +34,23 @@ class CallInfo:
     text_first: bool = False  # text tokens before the video tokens (CogVideoX) or after (HunyuanVideo)
     mask: Optional[torch.Tensor] = None  # additive or bool mask over keys, broadcastable to (B, H, N, N)
     grid: Optional[tuple] = None  # (frames, height, width) of the video tokens after patching, when known
+    heads: Optional[tuple] = None  # model-wide index of each head of q (sequence parallelism); None: 0..H-1
 
 
 class SparseAttention:
     """``observer(call, batch_index, layout)``, if given, sees every layout before it runs (for measurements).
 
     ``method`` (a methods.SparseMethod built on this ``cache``) is the layout builder; by default the one
-    ``config.method`` names, with its default settings."""
+    ``config.method`` names, with its default settings.
+
+    ``dense_layer_agreement(candidates)``, if given, maps this process's dense-layer candidates
+    {layer: (score, any head hard)} to the values shared by every process that holds a part of the heads
+    (sequence parallelism), so all of them pick the same dense layers."""
 
     def __init__(self, config: AdaClusterConfig, cache: RunCache,
                  observer: Optional[Callable[[CallInfo, int, Layout], None]] = None,
-                 method: Optional[SparseMethod] = None):
+                 method: Optional[SparseMethod] = None,
+                 dense_layer_agreement: Optional[Callable[[dict], dict]] = None):
         self.config = config.validate()
         self.cache = cache
         self.method = method if method is not None else methods.create(self.config, cache)
@@ -52,6 +58,7 @@ class SparseAttention:
             raise ValueError("the method must be built on the runner's RunCache")
         self.cache.method = self.method.name
         self.observer = observer
+        self.dense_layer_agreement = dense_layer_agreement
 
     # ------------------------------------------------------------------ policy
     def decide(self, q_shape, k_shape, call: CallInfo) -> Optional[str]:
@@ -82,6 +89,8 @@ class SparseAttention:
         if cache.dense_layers is None:
             candidates = self.method.dense_layer_candidates(step)
             if candidates is not None:
+                if self.dense_layer_agreement is not None:
+                    candidates = self.dense_layer_agreement(candidates)
                 ranked = sorted(candidates, key=lambda layer: candidates[layer][0], reverse=True)
                 n_dense = math.floor(self.method.dense_layer_fraction * len(ranked) + 0.5)
                 floor = self.method.dense_layer_min_score
@@ -92,8 +101,11 @@ class SparseAttention:
 
     # ------------------------------------------------------------------ call
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, call: CallInfo,
-                 dense: Callable[[], torch.Tensor]) -> torch.Tensor:
-        """q, k, v: (B, H, N, d). ``dense()`` gives the caller's dense result (B, H, N, d)."""
+                 dense: Callable[[], torch.Tensor], return_lse: bool = False):
+        """q, k, v: (B, H, N, d). ``dense()`` gives the caller's dense result (B, H, N, d).
+
+        With ``return_lse`` the result is (out, lse (B, H, N) fp32, natural log) and ``dense()`` returns such
+        a pair too."""
         total = Timer(q.device)
         reason = self.decide(q.shape, k.shape, call)
         video = self._video_slice(q.shape[-2], call)
@@ -101,15 +113,16 @@ class SparseAttention:
         if reason is None and mask is not None and _masks_video_keys(mask, video):
             reason = "mask on video tokens"
         if reason is not None and reason == self.method.pass_name:
-            return self._pass(q, k, v, call, video, mask, reason, dense, total)
+            return self._pass(q, k, v, call, video, mask, reason, dense, total, return_lse)
         if reason is not None:
             out = dense()
             self.cache.record(CallRecord(call.layer, call.step, False, reason, total.stop()))
             return out
-        return self._sparse(q, k, v, call, video, mask, total)
+        return self._sparse(q, k, v, call, video, mask, total, return_lse)
 
-    def _pass(self, q, k, v, call, video, mask, reason, dense, total):
-        """A pass step: dense output, the method's pass on the video tokens."""
+    def _pass(self, q, k, v, call, video, mask, reason, dense, total, return_lse=False):
+        """A pass step: dense output, the method's pass on the video tokens. With ``return_lse`` the output
+        (and its LSE) is the caller's ``dense()``, also where the pass computed the output."""
         text = self._text_slice(q.shape[-2], call)
         segment = None
         if call.text_len:
@@ -120,7 +133,7 @@ class SparseAttention:
         if self.method.probes_at_pass:  # the sparse output once, to measure its error against dense below
             probe = self._execute(q, k, v, call, video, mask, self.method.plan(q[:, :, video], k[:, :, video], call))
         pass_timer.stop()
-        if result.out is None:
+        if result.out is None or return_lse:
             out = dense()
         elif call.text_len:
             out = torch.empty_like(q)
@@ -130,25 +143,27 @@ class SparseAttention:
         else:
             out = result.out
         if probe is not None:
-            self.method.record_probe(call, _relative_error(probe[:, :, video], out[:, :, video]))
+            reference = out[0] if return_lse else out
+            self.method.record_probe(call, _relative_error(probe[:, :, video], reference[:, :, video]))
         self.cache.record(CallRecord(call.layer, call.step, False, reason, total.stop(), pass_timer,
                                      key_counts=result.key_counts))
         return out
 
-    def _sparse(self, q, k, v, call, video, mask, total):
+    def _sparse(self, q, k, v, call, video, mask, total, return_lse=False):
         planning_timer = Timer(q.device)
         plan = self.method.plan(q[:, :, video], k[:, :, video], call)
         planning_timer.stop()
         if self.observer is not None:
             for b in range(q.shape[0]):
                 self.observer(call, b, _batch_slice(plan.layout, b))
-        out = self._execute(q, k, v, call, video, mask, plan)
+        out = self._execute(q, k, v, call, video, mask, plan, return_lse)
         self.cache.record(CallRecord(call.layer, call.step, True, None, total.stop(), planning_timer,
                                      kept=plan.kept, key_counts=plan.key_counts))
         return out
 
-    def _execute(self, q, k, v, call, video, mask, plan):
-        """Runs a plan: video queries through the layout (plus the text sink), text queries densely."""
+    def _execute(self, q, k, v, call, video, mask, plan, return_lse=False):
+        """Runs a plan: video queries through the layout (plus the text sink), text queries densely.
+        With ``return_lse``: (out, lse (B, H, N) fp32)."""
         text = self._text_slice(q.shape[-2], call)
         qv, kv, vv = q[:, :, video], k[:, :, video], v[:, :, video]
         layout = plan.layout
@@ -156,14 +171,20 @@ class SparseAttention:
             text_k, text_v = k[:, :, text], v[:, :, text]
             text_bias = None if mask is None else _mask_block(mask, video, text)
             out = torch.empty_like(q)
-            out[:, :, video] = kernels.execute_layout(qv, kv, vv, layout, text_k=text_k, text_v=text_v,
-                                                      text_bias=text_bias)
+            video_out = kernels.execute_layout(qv, kv, vv, layout, text_k=text_k, text_v=text_v,
+                                               text_bias=text_bias, return_lse=return_lse)
             # text queries attend every key densely
             text_mask = None if mask is None else _mask_block(mask, text, slice(None))
-            out[:, :, text] = kernels.dense_attention(q[:, :, text], k, v, mask=text_mask)
-        else:  # no copy: the executor's output is the call's output
-            out = kernels.execute_layout(qv, kv, vv, layout)
-        return out
+            if not return_lse:
+                out[:, :, video] = video_out
+                out[:, :, text] = kernels.dense_attention(q[:, :, text], k, v, mask=text_mask)
+                return out
+            lse = q.new_empty(q.shape[:-1], dtype=torch.float32)
+            out[:, :, video], lse[:, :, video] = video_out
+            out[:, :, text], lse[:, :, text] = kernels.reference.dense_attention(q[:, :, text], k, v, bias=text_mask)
+            return out, lse
+        # no copy: the executor's output is the call's output
+        return kernels.execute_layout(qv, kv, vv, layout, return_lse=return_lse)
 
     # ------------------------------------------------------------------ clustering (AdaCluster and SVG2)
     def calibrate(self, q: torch.Tensor, k: torch.Tensor, call: CallInfo) -> torch.Tensor:

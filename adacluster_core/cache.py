@@ -206,12 +206,16 @@ class RunCache:
         self.states[(layer, branch)] = state
 
     def calibrated_layers(self) -> dict:
-        """layer -> (mean key cluster count over heads and branches, any head hard)."""
+        """layer -> (mean key cluster count over heads and branches, any head hard).
+
+        Branches may live on different devices (ComfyUI's MultiGPU CFG Split runs cond and uncond on
+        different GPUs, in threads): each state is reduced on its device and read back, and the states are
+        read from a snapshot of the dict."""
         per_layer = defaultdict(list)
-        for (layer, _), state in self.states.items():
+        for (layer, _), state in list(self.states.items()):
             per_layer[layer].append(state)
-        return {layer: (float(torch.stack([s.k_counts.float().mean() for s in states]).mean()),
-                        bool(torch.stack([s.hard.any() for s in states]).any()))
+        return {layer: (float(torch.stack([s.k_counts.float().mean().cpu() for s in states]).mean()),
+                        bool(torch.stack([s.hard.any().cpu() for s in states]).any()))
                 for layer, states in per_layer.items()}
 
     def calibration_errors(self) -> dict:

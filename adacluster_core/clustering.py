@@ -35,10 +35,19 @@ class KeyCalibration:
     stages: torch.Tensor  # (B, H) int64 stages used
 
 
-def sample_rows(x: torch.Tensor, count: int, generator: Optional[torch.Generator]) -> torch.Tensor:
-    """``count`` distinct rows of x (..., N, d) per leading index, as initial centroids (fp32)."""
+def sample_rows(x: torch.Tensor, count: int, generator) -> torch.Tensor:
+    """``count`` distinct rows of x (..., N, d) per leading index, as initial centroids (fp32).
+
+    ``generator``: None, one torch.Generator, or a list with one generator per head (dim -3 of x), so that
+    a head's draw does not depend on the other heads of the call (head_generators)."""
     n = x.shape[-2]
-    noise = torch.rand(*x.shape[:-2], n, generator=generator, device="cpu").to(x.device)
+    if isinstance(generator, list):
+        if len(generator) != x.shape[-3]:
+            raise ValueError(f"{len(generator)} generators for {x.shape[-3]} heads; give one per head")
+        noise = torch.stack([torch.rand(*x.shape[:-3], n, generator=g) for g in generator], dim=-2)
+    else:
+        noise = torch.rand(*x.shape[:-2], n, generator=generator, device="cpu")
+    noise = noise.to(x.device)
     index = noise.topk(min(count, n), dim=-1).indices
     if count > n:  # more clusters than rows: repeat rows; duplicates simply stay empty
         index = index.repeat_interleave(-(-count // n), dim=-1)[..., :count]
@@ -47,6 +56,12 @@ def sample_rows(x: torch.Tensor, count: int, generator: Optional[torch.Generator
 
 def generator_for(seed: int, layer: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed * 1_000_003 + layer)
+
+
+def head_generators(seed: int, layer: int, heads) -> list:
+    """One generator per head, seeded by (seed, layer, model-wide head index): a head clusters the same
+    whichever heads share its call, so a sequence-parallel rank reproduces the single-GPU result."""
+    return [torch.Generator().manual_seed((seed * 1_000_003 + layer) * 4099 + int(h)) for h in heads]
 
 
 def cluster_queries(q: torch.Tensor, n_clusters: int, iters: int, init: Optional[torch.Tensor] = None,
@@ -104,8 +119,9 @@ def calibrate_keys(k: torch.Tensor, initial_clusters: int, alpha: float, relativ
     per_head = []
     for b in range(batch):
         for h in range(heads):
+            head_gen = generator[h] if isinstance(generator, list) else generator
             per_head.append(_refine_head(kf[b, h], first_centroids[b, h], first_labels[b, h], distance[b, h],
-                                         float(tau[b, h]), initial_clusters, max_stages, iters, generator))
+                                         float(tau[b, h]), initial_clusters, max_stages, iters, head_gen))
     max_count = max(c.shape[0] for c, _, _, _ in per_head)
     centroids = torch.zeros(batch, heads, max_count, d, device=k.device)
     labels = torch.empty(batch, heads, n, dtype=torch.int64, device=k.device)

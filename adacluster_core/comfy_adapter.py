@@ -93,16 +93,22 @@ def video_token_count(x: torch.Tensor, patch: tuple) -> int:
     return count
 
 
-def branch_keys(batch: int, cond_or_uncond, uuids) -> Optional[tuple]:
-    """One hashable per batch element: (cond 0 / uncond 1, conditioning uuid, index inside its chunk)."""
+def branch_keys(batch: int, cond_or_uncond, uuids, device=None) -> Optional[tuple]:
+    """One hashable per batch element: (cond 0 / uncond 1, conditioning uuid, index inside its chunk), and
+    the device when given: under MultiGPU CFG Split a branch's cached state stays on the GPU that made it
+    (a branch the scheduler moves to another GPU starts a fresh state there)."""
     chunks = list(cond_or_uncond or [])
     if not chunks or batch % len(chunks):
-        return tuple(("batch", None, b) for b in range(batch)) if not chunks else None
-    per_chunk = batch // len(chunks)
-    uuids = list(uuids or [None] * len(chunks))
-    if len(uuids) != len(chunks):
-        uuids = [None] * len(chunks)
-    return tuple((int(chunks[b // per_chunk]), str(uuids[b // per_chunk]), b % per_chunk) for b in range(batch))
+        keys = tuple(("batch", None, b) for b in range(batch)) if not chunks else None
+    else:
+        per_chunk = batch // len(chunks)
+        uuids = list(uuids or [None] * len(chunks))
+        if len(uuids) != len(chunks):
+            uuids = [None] * len(chunks)
+        keys = tuple((int(chunks[b // per_chunk]), str(uuids[b // per_chunk]), b % per_chunk) for b in range(batch))
+    if keys is None or device is None:
+        return keys
+    return tuple(key + (str(device),) for key in keys)
 
 
 def _reason_key(reason: str, shape) -> tuple:
@@ -304,7 +310,7 @@ class AdaClusterPatch:
                                                         self.family.patch_size)
         options[CALL_KEY] = {
             "patch": self, "count": 0, "step": step, "total_steps": len(self._run_sigmas) - 1,
-            "branches": branch_keys(x.shape[0], options.get("cond_or_uncond"), options.get("uuids")),
+            "branches": branch_keys(x.shape[0], options.get("cond_or_uncond"), options.get("uuids"), x.device),
             "text_len": text_len, "video_tokens": video_tokens, "extra_first": extra_first,
             "extra_last": extra_last,
         }

@@ -95,7 +95,7 @@ class AdaCluster(SparseMethod):
 
     def _calibrate(self, q: torch.Tensor, k: torch.Tensor, call, b: int) -> torch.Tensor:
         """Full clustering of one batch element; stores the branch state. Returns (H,) key counts."""
-        gen = clustering.generator_for(self.config.seed, call.layer)
+        gen = clustering.head_generators(self.config.seed, call.layer, call.heads or range(q.shape[1]))
         qc, kc, hard = self._initial_clusters(q, k, call, gen)
         self.cache.set_state(call.layer, call.branches[b], BranchState(
             q_centroids=qc.centroids[0].to(q.dtype), k_centroids=kc.centroids[0].to(k.dtype),
