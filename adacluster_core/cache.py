@@ -34,6 +34,7 @@ class BranchState:
     hard: torch.Tensor  # (H,) bool: head hard to compress
     tokens: int = 0  # video tokens seen at calibration
     calibration_error: Optional[torch.Tensor] = None  # () relative L2 of the sparse output at calibration
+    head_top_k: Optional[torch.Tensor] = None  # (H,) per-head Top-K chosen at calibration (head budget)
 
     def __setattr__(self, name, value):
         if name in _STATE_TENSORS and isinstance(value, torch.Tensor):

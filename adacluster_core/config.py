@@ -48,12 +48,14 @@ class SelectionConfig:
     count: str = "topk"  # "topk": fixed number of clusters; "mass": smallest set reaching top_p of the mass
     top_k: int = 16
     top_p: float = 0.9
-    min_clusters: int = 0  # "mass": at least this many clusters per query cluster
-    max_clusters: int = 0  # "mass": at most this many (0 = no cap)
     min_kept_fraction: float = 0.05  # keep adding clusters in score order until this share of keys
     tail: bool = True  # pooled tail for skipped clusters
     local_block: int = 64  # each query's own block in original order; 0 = off
     own_clusters: bool = True  # always keep the key clusters that hold the query cluster's own tokens
+    # "topk" with > 0: each head's Top-K is set at calibration to the smallest of top_k x (1/4, 1/2, 1, 2)
+    # whose sparse output measured within this relative error of dense (else the largest), so the budget
+    # follows how concentrated the head's attention is; 0: the same top_k for every head
+    head_budget_error: float = 0.05
 
     def __post_init__(self):
         self.validate()
@@ -65,10 +67,9 @@ class SelectionConfig:
         # A Top-K at or above a layer's key cluster count keeps every cluster of that layer.
         _int_range("selection.top_k", self.top_k, 1, 4096)
         _float_range("selection.top_p", self.top_p, 0.0, 1.0, low_open=True)
-        _int_range("selection.min_clusters", self.min_clusters, 0, 4096)
-        _int_range("selection.max_clusters", self.max_clusters, 0, 4096)
         _float_range("selection.min_kept_fraction", self.min_kept_fraction, 0.0, 1.0)
         _int_range("selection.local_block", self.local_block, 0, 1 << 16)
+        _float_range("selection.head_budget_error", self.head_budget_error, 0.0, 10.0)
         for name in ("tail", "own_clusters"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"selection.{name} must be true or false, got {getattr(self, name)!r}")
@@ -81,9 +82,10 @@ class SelectionConfig:
 # The default recipe is listed first (menus built from this table show it first).
 SELECTION_RECIPES: dict[str, SelectionConfig] = {
     "hybrid": SelectionConfig(),
-    "paper": SelectionConfig(score="quest", count="topk", top_k=64, tail=False, local_block=0, own_clusters=False),
+    "paper": SelectionConfig(score="quest", count="topk", top_k=64, tail=False, local_block=0, own_clusters=False,
+                             head_budget_error=0.0),
     "svg2": SelectionConfig(score="centroid", count="mass", top_k=64, top_p=0.9, tail=False, local_block=0,
-                            own_clusters=False, min_kept_fraction=0.0),
+                            own_clusters=False, min_kept_fraction=0.0, head_budget_error=0.0),
 }
 DEFAULT_RECIPE = "hybrid"
 METHODS = ("adacluster", "svg2")

@@ -12,6 +12,7 @@ Everything stays on the device and avoids host synchronisation.
 from __future__ import annotations
 
 import math
+from typing import Optional
 
 import torch
 
@@ -60,24 +61,22 @@ def cluster_logits(q: torch.Tensor, k: torch.Tensor, qc: Clusters, kc: Clusters,
 
 
 def choose_clusters(rank: torch.Tensor, log_mass: torch.Tensor, k_sizes: torch.Tensor, tokens: int,
-                    config: SelectionConfig) -> torch.Tensor:
-    """(B, H, Cq, Ck) bool selection from scores: Top-K or cumulative mass, then the minimum-fraction guard."""
+                    config: SelectionConfig, top_k: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """(B, H, Cq, Ck) bool selection from scores: Top-K or cumulative mass, then the minimum-fraction guard.
+
+    ``top_k`` (B, H), if given, is a per-head Top-K in place of ``config.top_k``."""
     n_k = rank.shape[-1]
     order = rank.argsort(dim=-1, descending=True)
     position = torch.empty_like(order)
     position.scatter_(-1, order, torch.arange(n_k, device=rank.device).expand_as(order))
     valid = torch.isfinite(rank) & (k_sizes.unsqueeze(-2) > 0)
     if config.count == "topk":
-        keep = position < config.top_k
+        keep = position < (config.top_k if top_k is None else top_k[..., None, None])
     else:
         mass = torch.softmax(log_mass, dim=-1).nan_to_num(0.0)
         mass_sorted = mass.gather(-1, order)
         before = torch.cumsum(mass_sorted, dim=-1) - mass_sorted  # mass of the clusters ranked higher
         keep = (before < config.top_p).gather(-1, position)
-        # the budget follows how concentrated the estimated mass is, between a floor and a cap
-        if config.max_clusters:
-            keep = keep & (position < config.max_clusters)
-        keep = keep | (position < config.min_clusters)
     if config.min_kept_fraction > 0:
         sizes_sorted = k_sizes.unsqueeze(-2).expand_as(rank).gather(-1, order).float()
         tokens_before = torch.cumsum(sizes_sorted, dim=-1) - sizes_sorted
@@ -97,12 +96,13 @@ def own_clusters(qc: Clusters, kc: Clusters) -> torch.Tensor:
 
 
 def build_layout(q: torch.Tensor, k: torch.Tensor, qc: Clusters, kc: Clusters, config: SelectionConfig,
-                 scale: float | None = None) -> Layout:
-    """The Layout for video tokens q, k (B, H, N, d) clustered into qc and kc."""
+                 scale: float | None = None, top_k: Optional[torch.Tensor] = None) -> Layout:
+    """The Layout for video tokens q, k (B, H, N, d) clustered into qc and kc (``top_k``: per-head Top-K
+    (B, H) in place of the config's)."""
     n = q.shape[-2]
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     rank, log_mass = cluster_logits(q, k, qc, kc, config.score, config.blend_weight, scale)
-    selected = choose_clusters(rank, log_mass, kc.sizes, n, config)
+    selected = choose_clusters(rank, log_mass, kc.sizes, n, config, top_k)
     if config.own_clusters:
         selected = selected | own_clusters(qc, kc)
     q_perm, q_offsets = _segments(qc)

@@ -127,7 +127,7 @@ def test_two_ranks_gloo_match_single_process_and_agree_on_dense_layers(tmp_path)
 def test_processor_returns_exact_output_and_lse_dense_and_sparse_with_text():
     """World of one: a dense (calibration) call and a sparse call that keeps every key cluster are exact,
     so output and lse must equal the dense reference, text rows included."""
-    config = from_dict({**CONFIG, "selection": {"top_k": 48, "min_kept_fraction": 0.0}})
+    config = from_dict({**CONFIG, "selection": {"top_k": 48, "min_kept_fraction": 0.0, "head_budget_error": 0.0}})
     owner = parallel.UlyssesSparseAttention(config, HEADS)
     proc = owner.processor(0)
     owner.start_run(2)

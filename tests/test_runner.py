@@ -7,6 +7,7 @@ from comfyui_adacluster.adacluster_core import clustering
 from comfyui_adacluster.adacluster_core.attention import CallInfo, SparseAttention
 from comfyui_adacluster.adacluster_core.cache import RunCache
 from comfyui_adacluster.adacluster_core.config import ConfigError, from_dict
+from comfyui_adacluster.adacluster_core.methods.adacluster import smallest_within
 from comfyui_adacluster.adacluster_core.profiles import load_profile, save_profile
 from comfyui_adacluster.kernels import reference as R
 from qkv_data import structured_qkv
@@ -203,3 +204,30 @@ def test_corrupt_or_foreign_profile_is_rejected(tmp_path):
     save_file({"weight": torch.randn(2, 2)}, str(foreign))
     with pytest.raises(ConfigError, match="format"):
         load_profile(foreign)
+
+
+def test_head_budget_picks_the_first_candidate_within_the_error_else_the_last():
+    errors = torch.tensor([[[0.3, 0.09, 0.05, 0.01], [0.3, 0.2, 0.15, 0.12], [0.04, 0.03, 0.02, 0.01]]])
+    assert smallest_within(errors, 0.1).tolist() == [[1, 3, 0]]
+
+
+def test_head_budget_gives_concentrated_heads_the_smaller_top_k():
+    """At calibration each head gets one of top_k x (1/4, 1/2, 1, 2); a head whose attention clusters find
+    gets a smaller one than a head with sharp attention on unstructured keys, and sparse steps select with
+    those budgets."""
+    q, k, v = structured_qkv(batch=1, heads=2, n=900, d=16, groups=4, seed=11)
+    gen = torch.Generator().manual_seed(11)
+    q[:, 1], k[:, 1] = 3 * torch.randn(900, 16, generator=gen), 3 * torch.randn(900, 16, generator=gen)
+    cache = RunCache()
+    cache.start_run(3)
+    config = from_dict({**SMALL, "dense_layer_fraction": 0.0, "initial_key_clusters": 24,
+                        "selection": {"top_k": 8, "head_budget_error": 0.1, "min_kept_fraction": 0.0,
+                                      "own_clusters": False}})
+    runner = SparseAttention(config, cache)
+    assert runner.method.budget_candidates() == (2, 4, 8, 16)
+    runner(q, k, v, CallInfo(0, 0, 3, (0,)), dense=lambda: dense_reference(q, k, v))
+    chosen = cache.state(0, 0).head_top_k.tolist()
+    assert set(chosen) <= {2, 4, 8, 16} and chosen[0] < chosen[1], chosen
+    plan = runner.method.plan(q, k, CallInfo(0, 1, 3, (0,)))
+    per_cluster = plan.layout.selected.sum(-1)  # (1, 2, Cq): key clusters kept per query cluster
+    assert int(per_cluster[0, 0].max()) <= chosen[0] and int(per_cluster[0, 1].max()) == chosen[1]

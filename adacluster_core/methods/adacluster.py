@@ -25,9 +25,9 @@ class AdaCluster(SparseMethod):
         super().__init__(cache)
         self.config = config
         self.dense_layer_fraction = config.dense_layer_fraction
-        # ranked by measured error, the calibration step also runs the sparse path once to measure it
-        self.probes_at_pass = config.dense_layers_by == "error"
-        self.dense_layer_min_score = config.dense_error_threshold if self.probes_at_pass else None
+        # dense layers ranked by measured error, and per-head budgets, are measured at the calibration step
+        self.probes_at_pass = config.dense_layers_by == "error" or bool(self.budget_candidates())
+        self.dense_layer_min_score = config.dense_error_threshold if config.dense_layers_by == "error" else None
 
     def phase(self, step: int, total_steps: int) -> Phase:
         return phase_of(step, self.config.warmup_steps)
@@ -37,13 +37,44 @@ class AdaCluster(SparseMethod):
 
     def plan(self, q: torch.Tensor, k: torch.Tensor, call) -> Plan:
         qc, kc = self.cluster(q, k, call)
-        layout = selection.build_layout(q, k, qc, kc, self.config.selection)
+        states = [self.cache.state(call.layer, branch) for branch in call.branches[:q.shape[0]]]
+        top_k = None
+        if all(s.head_top_k is not None for s in states):
+            top_k = torch.stack([s.head_top_k for s in states])
+        layout = selection.build_layout(q, k, qc, kc, self.config.selection, top_k=top_k)
         kept = selection.kept_fraction(layout, qc.labels, kc.labels)
         return Plan(layout, kept, kc.counts)
 
-    def record_probe(self, call, errors: torch.Tensor) -> None:
-        for b, branch in enumerate(call.branches[:errors.shape[0]]):
-            self.cache.state(call.layer, branch).calibration_error = errors[b]
+    def budget_candidates(self) -> tuple:
+        """The per-head Top-K values the calibration step chooses from (empty: one Top-K for every head)."""
+        sel = self.config.selection
+        if sel.head_budget_error <= 0 or sel.count != "topk":
+            return ()
+        return tuple(sorted({max(1, round(sel.top_k * f)) for f in (0.25, 0.5, 1.0, 2.0)}))
+
+    def probe(self, q, k, call, reference, execute) -> None:
+        """At calibration: each head's Top-K (the smallest candidate whose output is within
+        selection.head_budget_error of dense, else the largest), and the layer's error with those budgets, for the dense-layer choice."""
+        qc, kc = self.cluster(q, k, call)
+        candidates = self.budget_candidates() or (self.config.selection.top_k,)
+        ref = reference.float()
+        ref_sq = ref.pow(2).sum((-1, -2))  # (B, H)
+        diff_sq = []
+        for top_k in candidates:
+            per_head = torch.full(ref_sq.shape, top_k, device=q.device)
+            out = execute(selection.build_layout(q, k, qc, kc, self.config.selection, top_k=per_head))
+            diff_sq.append((out.float() - ref).pow(2).sum((-1, -2)))
+        diff_sq = torch.stack(diff_sq, dim=-1)  # (B, H, candidates)
+        head_error = (diff_sq / ref_sq.clamp_min(1e-24).unsqueeze(-1)).sqrt()
+        choice = smallest_within(head_error, self.config.selection.head_budget_error)  # (B, H)
+        chosen_sq = diff_sq.gather(-1, choice.unsqueeze(-1)).squeeze(-1)
+        layer_error = (chosen_sq.sum(-1) / ref_sq.sum(-1).clamp_min(1e-24)).sqrt()  # (B,)
+        top_k = torch.tensor(candidates, device=q.device)[choice]
+        for b, branch in enumerate(call.branches[:q.shape[0]]):
+            state = self.cache.state(call.layer, branch)
+            state.calibration_error = layer_error[b]
+            if len(candidates) > 1:
+                state.head_top_k = top_k[b]
 
     def dense_layer_candidates(self, step: int) -> Optional[dict]:
         # decided once every layer has been calibrated: at the first sparse step, or after step 0 when there
@@ -51,7 +82,7 @@ class AdaCluster(SparseMethod):
         if self.config.warmup_steps == 0 and step == 0:
             return None
         calibrated = self.cache.calibrated_layers()
-        if not calibrated or not self.probes_at_pass:
+        if not calibrated or self.config.dense_layers_by != "error":
             return calibrated or None
         # layers calibrated lazily (no calibration step) have no measured error: never chosen for it
         errors = self.cache.calibration_errors()
@@ -122,3 +153,10 @@ class AdaCluster(SparseMethod):
             s.q_centroids = qc.centroids[b].to(q.dtype)
             s.k_centroids = kc.centroids[b, :, :k_slots[b]].to(k.dtype)
         return qc, kc
+
+
+def smallest_within(errors: torch.Tensor, target: float) -> torch.Tensor:
+    """Index of the first candidate (last dim, in increasing budget) whose error is within ``target``, or of
+    the last candidate where none is."""
+    meets = errors <= target
+    return torch.where(meets.any(-1), meets.to(torch.int8).argmax(-1), errors.shape[-1] - 1)

@@ -49,7 +49,7 @@ class SparseMethod:
     pass_name = Phase.CALIBRATE.value  # the step's dense reason in reports ("calibration step", "search step")
     dense_layer_fraction = 0.0  # most share of layers the runner keeps dense, ranked by dense_layer_candidates
     dense_layer_min_score = None  # a layer runs dense only with a score above this (None: no minimum)
-    probes_at_pass = False  # the runner measures this method's sparse output against dense after the pass
+    probes_at_pass = False  # after the pass the runner hands the dense output to probe()
 
     def __init__(self, cache: RunCache):
         self.cache = cache
@@ -67,8 +67,10 @@ class SparseMethod:
         LSE-cached search, MOD-DiT's refresh), which it decides from ``call.step``."""
         raise NotImplementedError
 
-    def record_probe(self, call, errors: torch.Tensor) -> None:
-        """The relative error (B,) of each branch's sparse output at the pass step (when probes_at_pass)."""
+    def probe(self, q: torch.Tensor, k: torch.Tensor, call, reference: torch.Tensor, execute) -> None:
+        """Measures this method's sparse output against the dense one at the pass step (when probes_at_pass):
+        ``reference`` is the dense output of the video queries (B, H, N, d), ``execute(layout)`` runs a layout
+        as a sparse call would (text sink included) and returns the video queries' output."""
 
     def dense_layer_candidates(self, step: int) -> Optional[dict]:
         """layer -> (score, hard) once every layer has done its pass (larger score: denser first), or None

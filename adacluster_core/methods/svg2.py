@@ -16,7 +16,8 @@ class SVG2(AdaCluster):
 
     def __init__(self, config, cache):
         super().__init__(config, cache)
-        self.dense_layer_fraction = 0.0  # fixed cluster counts: no ranking to pick dense layers by
+        self.dense_layer_fraction = 0.0  # Sparse VideoGen 2 as a whole: no dense layers, no per-head budget
+        self.probes_at_pass = False
 
     def _initial_clusters(self, q, k, call, gen):
         cfg = self.config

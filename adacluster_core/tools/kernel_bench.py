@@ -305,6 +305,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--workload", choices=("random", "video"), default="random",
                         help="random: kernel and whole-call rows on random inputs; video: whole calls of the "
                              "default, paper, svg2 and Sol-Attn on video-like inputs at the real token grids")
+    parser.add_argument("--methods", nargs="+", choices=("default", "paper", "svg2"),
+                        default=["default", "paper", "svg2"], help="video workload: the runner rows to measure")
+    parser.add_argument("--sol-tau", type=float, nargs="*", default=[1.0, 1.3, 1.5],
+                        help="video workload: Sol-Attn thresholds to compare with (none: no Sol-Attn rows)")
     return parser
 
 
@@ -317,7 +321,9 @@ def main(argv=None):
         parser.error("the kernel benchmark needs a CUDA GPU")
     if args.workload == "video":
         from .video_bench import run
-        run(args.shapes, args.seed, args.out)
+        if any(not 0.0 < tau <= 10.0 for tau in args.sol_tau):
+            parser.error(f"--sol-tau values must be in (0, 10], got {args.sol_tau}")
+        run(args.shapes, args.seed, args.out, methods=args.methods, sol_taus=tuple(args.sol_tau))
         print(f"\nwrote {args.out}")
         return
     generator = torch.Generator(device="cuda").manual_seed(args.seed)

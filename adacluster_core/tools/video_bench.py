@@ -57,7 +57,7 @@ def method_overrides() -> dict:
     """Runner rows: name -> (config overrides on top of the family preset)."""
     return {
         "default": {},
-        "paper": {"recipe": "paper"},
+        "paper": {"recipe": "paper", "dense_layers_by": "clusters"},
         "svg2": {"method": "svg2", "recipe": "svg2"},
     }
 
@@ -137,7 +137,8 @@ def run_sol(sol, q, k, v, tau, shape: VideoShape, dense_out, dense_ms, video) ->
     return {"rel_l2": _rel_l2(out[:, :, video], dense_out[:, :, video]), "call_ms": ms, "speedup": dense_ms / ms}
 
 
-def bench_video_shape(name: str, seed: int, with_sol: bool = True, log=print) -> dict:
+def bench_video_shape(name: str, seed: int, methods=("default", "paper", "svg2"), sol_taus=SOL_TAUS,
+                      log=print) -> dict:
     shape = VIDEO_SHAPES[name]
     started = time.time()
     workload = VideoAttentionWorkload(WorkloadConfig(
@@ -147,7 +148,7 @@ def bench_video_shape(name: str, seed: int, with_sol: bool = True, log=print) ->
     kinds = workload.layer_kinds
     n_video = workload.video_tokens
     video = slice(shape.text_len, workload.tokens) if shape.text_first else slice(0, n_video)
-    sol = _sol() if with_sol and shape.head_dim == 128 else None
+    sol = _sol() if sol_taus and shape.head_dim == 128 else None
     result = {"shape": name, "tokens": workload.tokens, "video_tokens": n_video, "heads": shape.heads,
               "head_dim": shape.head_dim, "preset": shape.preset, "cases": []}
     for step in CASE_STEPS:
@@ -158,13 +159,15 @@ def bench_video_shape(name: str, seed: int, with_sol: bool = True, log=print) ->
             case = {"layer_kind": kind, "step": step, "sigma": workload.sigmas[step], "dense_ms": dense_ms,
                     "dense_backend": backend, "rows": {}}
             for method, overrides in method_overrides().items():
+                if method not in methods:
+                    continue
                 try:
                     case["rows"][method] = run_case(name, q, k, v, workload.call_kwargs(), step, overrides,
                                                     dense_out, dense_ms, video, detail=method == "default")
                 except Exception as error:  # noqa: BLE001 - report, keep benchmarking
                     case["rows"][method] = {"error": f"{type(error).__name__}: {str(error).splitlines()[0][:160]}"}
             if sol is not None:
-                for tau in SOL_TAUS:
+                for tau in sol_taus:
                     case["rows"][f"sol tau {tau:g}"] = run_sol(sol, q, k, v, tau, shape, dense_out, dense_ms, video)
             log(json.dumps({"shape": name, **case}))
             result["cases"].append(case)
@@ -217,12 +220,12 @@ def print_video_table(results: list, device_name: str, print_fn=print) -> None:
                                  fmt(s.get("graph_ms"))]))
 
 
-def run(shapes: list, seed: int, out: Optional[str], with_sol: bool = True) -> list:
+def run(shapes: list, seed: int, out: Optional[str], methods=("default", "paper", "svg2"), sol_taus=SOL_TAUS) -> list:
     import triton
     device_name = torch.cuda.get_device_name()
     results = []
     for name in shapes:
-        results.append(bench_video_shape(name, seed, with_sol))
+        results.append(bench_video_shape(name, seed, methods, sol_taus))
         if out:
             with open(out, "w") as handle:
                 json.dump({"device": device_name, "torch": torch.__version__, "triton": triton.__version__,
