@@ -99,7 +99,9 @@ class AdaClusterReport(io.ComfyNode):
 
 class AdaClusterExtension(ComfyExtension):
     async def get_node_list(self):
-        return [AdaClusterSparseAttention, AdaClusterReport]
+        from .ab import SparseAttentionAB
+
+        return [AdaClusterSparseAttention, AdaClusterReport, SparseAttentionAB]
 
 
 async def comfy_entrypoint() -> ComfyExtension:
