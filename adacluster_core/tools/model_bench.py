@@ -694,14 +694,14 @@ def vram_check(name: str, case: Case, args, device: torch.device, dtype: torch.d
         return torch.cuda.memory_allocated(device) if cuda else None
 
     progress.set_description(f"VRAM check {name}: dense run")
-    dense = bench.run(base, 0, 3)  # also settles the model on the device and the library workspaces
+    dense = bench.run(base, 0, 2)  # also settles the model on the device and the library workspaces
     baseline = allocated()
     patched = apply_patch(base, **_widgets(spec, args.tiny, warmup_steps=1))
     patch = comfy_adapter.find_patch(patched)
     runs, failures = [], []
     for i in range(5):
         progress.set_description(f"VRAM check {name}: patched run {i + 1} of 5")
-        result = bench.run(patched, 0, 3)
+        result = bench.run(patched, 0, 2)  # calibration step, then one sparse step
         after = allocated()
         entry = {"run": i + 1, "peak_vram_bytes": result["peak_bytes"], "allocated_after": after,
                  "delta_bytes": None if after is None else after - baseline, "cache_bytes": patch.cache.memory_bytes(),
@@ -719,7 +719,7 @@ def vram_check(name: str, case: Case, args, device: torch.device, dtype: torch.d
     held = {}
 
     def stop(step):
-        if step == 1:  # after the calibration step and one sparse step: the cache is populated
+        if step == 1:  # after the calibration step and one sparse step of three: the cache is populated
             held["cache_bytes"] = patch.cache.memory_bytes()
             raise _StopRun("stopped by the benchmark's callback")
 
@@ -928,7 +928,7 @@ def parse_args(argv=None):
     table = TINY_CASES if args.tiny else CASES
     default = (VRAM_CHECK_CASE,) if args.vram_check else DEFAULT_CASES
     if args.tiny:
-        default = ("wan_tiny",) if args.vram_check else tuple(TINY_CASES)
+        default = ("hunyuan_tiny",) if args.vram_check else tuple(TINY_CASES)
     names = [c.strip() for c in (args.cases or ",".join(default)).split(",") if c.strip()]
     unknown = [c for c in names if c not in table]
     if unknown:
@@ -963,7 +963,7 @@ def _main(args) -> int:
         cases.append((name, case))
     runs_per_case = 3 if args.vram_check else (4 if args.warmup_run and cuda else 3)
     count = 1 + args.measure_steps
-    total = sum((3 + 5 * 3 + 2) if args.vram_check else runs_per_case * count for _ in cases)
+    total = sum((2 + 5 * 2 + 2) if args.vram_check else runs_per_case * count for _ in cases)
     progress = _Progress(total, args.progress)
     header = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
               "torch": torch.__version__, "comfyui": comfyui_version(root), "comfyui_path": str(root),
