@@ -284,10 +284,10 @@ def _sync(device: torch.device) -> None:
 class StepTimer:
     """DIFFUSION_MODEL wrapper: wall time of every model call (device synchronised), grouped by step."""
 
-    def __init__(self, device: torch.device, on_call: Optional[Callable] = None):
+    def __init__(self, device: torch.device):
         self.device = device
-        self.on_call = on_call
         self.calls = []  # (sigma, ms)
+        self.current = -1  # index of the model call in progress (attention calls are tagged with it)
 
     def __call__(self, executor, *args, **kwargs):
         options = kwargs.get("transformer_options")
@@ -295,42 +295,48 @@ class StepTimer:
             options = args[-1]
         sigmas = (options or {}).get("sigmas")
         sigma = float(sigmas.reshape(-1)[0]) if sigmas is not None else float("nan")
+        self.current = len(self.calls)
         _sync(self.device)
         start = time.perf_counter()
         out = executor(*args, **kwargs)
         _sync(self.device)
         self.calls.append((sigma, 1000.0 * (time.perf_counter() - start)))
-        if self.on_call is not None:
-            self.on_call()
         return out
+
+    def step_of_call(self) -> list:
+        """Step index of every model call (calls of one sigma belong to one step)."""
+        steps, last = [], None
+        for sigma, _ in self.calls:
+            if last is None or sigma != last:
+                steps.append(len(set(steps)))
+                last = sigma
+            else:
+                steps.append(steps[-1])
+        return steps
 
     def step_times(self) -> list:
         """Milliseconds per sampler step (calls of one sigma summed, in order)."""
-        steps = []
-        for sigma, ms in self.calls:
-            if steps and steps[-1][0] == sigma:
-                steps[-1][1] += ms
-            else:
-                steps.append([sigma, ms])
-        return [ms for _, ms in steps]
+        times = {}
+        for step, (_, ms) in zip(self.step_of_call(), self.calls):
+            times[step] = times.get(step, 0.0) + ms
+        return [times[s] for s in sorted(times)]
 
 
 class AttentionTimer:
-    """Attention override for the dense run: times every call (CUDA events, no synchronisation) and
-    passes it to the backend ComfyUI chose; remembers that backend's name."""
+    """Attention override for the dense run: times every call with CUDA events (no host synchronisation),
+    tags it with the model call in progress, and passes it to the backend ComfyUI chose, whose name it
+    remembers."""
 
     def __init__(self, device: torch.device):
         self.device = device
-        self.records = []  # (sigma, self-attention?, start, end)
+        self.step_timer: Optional[StepTimer] = None  # set by Sampler.run
+        self.records = []  # (model call index, self-attention?, start event, end event)
         self.backend = None
         self.self_attention_shape = None
 
     def __call__(self, func, q, k, v, heads, mask=None, attn_precision=None, skip_reshape=False,
                  skip_output_reshape=False, **kwargs):
         self.backend = getattr(func, "__name__", repr(func))
-        options = kwargs.get("transformer_options") or {}
-        sigmas = options.get("sigmas")
-        sigma = float(sigmas.reshape(-1)[0]) if sigmas is not None else float("nan")
         n_q, n_k = (q.shape[-2], k.shape[-2]) if skip_reshape else (q.shape[1], k.shape[1])
         is_self = n_q == n_k
         if is_self and self.self_attention_shape is None:
@@ -339,19 +345,20 @@ class AttentionTimer:
         start = _event(self.device)
         out = func(q, k, v, heads, mask=mask, attn_precision=attn_precision, skip_reshape=skip_reshape,
                    skip_output_reshape=skip_output_reshape, **kwargs)
-        self.records.append((sigma, is_self, start, _event(self.device)))
+        call = self.step_timer.current if self.step_timer is not None else 0
+        self.records.append((call, is_self, start, _event(self.device)))
         return out
 
     def per_step(self) -> list:
         """[(self-attention ms, other attention ms)] per step, in order."""
         _sync(self.device)
-        steps = []
-        for sigma, is_self, start, end in self.records:
-            ms = start.elapsed_time(end)
-            if not steps or steps[-1][0] != sigma:
-                steps.append([sigma, 0.0, 0.0])
-            steps[-1][1 if is_self else 2] += ms
-        return [(s, o) for _, s, o in steps]
+        step_of_call = self.step_timer.step_of_call() if self.step_timer is not None else []
+        steps = {}
+        for call, is_self, start, end in self.records:
+            step = step_of_call[call] if call < len(step_of_call) else 0
+            entry = steps.setdefault(step, [0.0, 0.0])
+            entry[0 if is_self else 1] += start.elapsed_time(end)
+        return [tuple(steps[s]) for s in sorted(steps)]
 
 
 def _event(device: torch.device):
@@ -449,11 +456,16 @@ def sdpa_kernel(shape: tuple, device: torch.device, dtype: torch.dtype) -> str:
         return device.type
     b, h, n, d = shape
     q = torch.randn(b, h, n, d, device=device, dtype=dtype)
-    torch.nn.functional.scaled_dot_product_attention(q, q, q)
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+    try:
         torch.nn.functional.scaled_dot_product_attention(q, q, q)
-        torch.cuda.synchronize(device)
-    names = [e.key for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA]
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+            torch.nn.functional.scaled_dot_product_attention(q, q, q)
+            torch.cuda.synchronize(device)
+        names = [e.key for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA]
+    except Exception as exc:  # noqa: BLE001 - the profiler is optional information
+        return f"unknown (profiler: {type(exc).__name__})"
+    finally:
+        del q
     for key in ("cudnn", "flash", "fmha", "efficient", "attention"):
         for name in names:
             if key in name.lower():
@@ -493,15 +505,20 @@ class Sampler:
         """Steps of the full schedule the core node keeps dense (sigma above its start sigma)."""
         return sum(1 for s in self.sigmas[:-1] if s > self.core_start_sigma)
 
-    def run(self, model, start: int, count: int, callback: Optional[Callable] = None) -> dict:
-        """Samples steps [start, start + count) of the schedule; returns times, latent and peak VRAM."""
+    def run(self, model, start: int, count: int, callback: Optional[Callable] = None,
+            attention: Optional[AttentionTimer] = None) -> dict:
+        """Samples steps [start, start + count) of the schedule; returns times, latent and peak VRAM.
+
+        With ``attention``, that timer becomes the model's attention override for this run."""
+        import comfy.patcher_extension as ext
         import comfy.sample
 
         timer = StepTimer(self.device)
         model = model.clone()
-        import comfy.patcher_extension as ext
-
         model.add_wrapper_with_key(ext.WrappersMP.DIFFUSION_MODEL, TIMING_WRAPPER_KEY, timer)
+        if attention is not None:
+            attention.step_timer = timer
+            model.model_options.setdefault("transformer_options", {})["optimized_attention_override"] = attention
 
         def on_step(step, x0, x, total):
             if self.progress is not None:
@@ -560,9 +577,7 @@ def benchmark_case(name: str, case: Case, args, device: torch.device, dtype: tor
     # Dense, through the backend ComfyUI picks, with the attention calls timed.
     progress.set_description(f"{name}: dense")
     timer = AttentionTimer(device)
-    dense_model = base.clone()
-    dense_model.model_options.setdefault("transformer_options", {})["optimized_attention_override"] = timer
-    dense = bench.run(dense_model, s0, count)
+    dense = bench.run(base, s0, count, attention=timer)
     attention = timer.per_step()
     t_dense = _median(dense["step_ms"])
     self_ms = _median([s for s, _ in attention])
@@ -572,7 +587,7 @@ def benchmark_case(name: str, case: Case, args, device: torch.device, dtype: tor
                     "step_ms": dense["step_ms"], "step_ms_median": t_dense, "self_attention_ms": self_ms,
                     "other_attention_ms": other_ms, "self_attention_share": self_ms / t_dense,
                     "attention_share": (self_ms + other_ms) / t_dense, "peak_vram_bytes": dense["peak_bytes"]}
-    del dense_model, timer
+    del timer
 
     # AdaCluster through the node's own code path, warm-up 1: the first sampled step calibrates.
     widgets = _widgets(spec, args.tiny, warmup_steps=1)
