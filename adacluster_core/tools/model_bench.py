@@ -56,6 +56,8 @@ COGVIDEOX_TEXT_TOKENS = 226
 TEXT_WIDTH = 4096
 VRAM_TOLERANCE_BYTES = 1 << 20
 PEAK_VRAM_TARGET = 1.05
+SPARSE_STEP_TARGET = 1.25  # sparse step / attention-free ceiling
+WHOLE_RUN_TARGETS = {"wan14b_720p": 2.0, "wan1.3b_480p": 1.5}  # whole-run speedup with the default preset
 TIMING_WRAPPER_KEY = "adacluster_model_bench"
 
 # ComfyUI core's "Model Sparse Attention" defaults, emulated by CoreSparseEmulation.
@@ -635,6 +637,7 @@ def benchmark_case(name: str, case: Case, args, device: torch.device, dtype: tor
                         "ceiling_speedup": whole_dense / whole_ceiling,
                         "note": f"composed from the preset's schedule: {warmup - 1} dense steps + 1 calibration "
                                 f"step + {s - warmup} sparse steps of {s}, from medians of the sampled slice"}
+    row["targets"] = targets(name, row)
     del patched, patch
     gc.collect()
 
@@ -660,6 +663,22 @@ def benchmark_case(name: str, case: Case, args, device: torch.device, dtype: tor
         del core_model
     _release(base, device)
     return row
+
+
+def targets(name: str, row: dict) -> list:
+    """The measured targets of one case: value, target and whether it is met."""
+    a, d = row["adacluster"], row["dense"]
+    out = [{"name": "sparse step / ceiling", "value": a["sparse_step_vs_ceiling"], "target": SPARSE_STEP_TARGET,
+            "met": a["sparse_step_vs_ceiling"] <= SPARSE_STEP_TARGET}]
+    if d["peak_vram_bytes"] and a["peak_vram_bytes"]:
+        ratio = a["peak_vram_bytes"] / d["peak_vram_bytes"]
+        out.append({"name": "sparse peak VRAM / dense", "value": ratio, "target": PEAK_VRAM_TARGET,
+                    "met": ratio <= PEAK_VRAM_TARGET})
+    if name in WHOLE_RUN_TARGETS:
+        speedup = row["whole_run"]["adacluster_speedup"]
+        out.append({"name": "whole-run speedup", "value": speedup, "target": WHOLE_RUN_TARGETS[name],
+                    "met": speedup >= WHOLE_RUN_TARGETS[name], "higher_is_better": True})
+    return out
 
 
 def _run_watching(bench: Sampler, model, start: int, count: int, watch: Callable) -> dict:
@@ -804,6 +823,10 @@ def format_table(rows: list) -> str:
         lines.append(f"  random-weight fidelity (latent rel. error vs dense, same seed; says little about real "
                      f"quality): {a['random_weight_fidelity_rel_error']:.4f}")
         lines.append(f"  {w['note']}")
+        for t in r.get("targets", []):
+            better = "at least" if t.get("higher_is_better") else "at most"
+            verdict = "met" if t["met"] else f"MISSED by {abs(t['value'] - t['target']) / t['target']:.0%}"
+            lines.append(f"  target {t['name']}: {t['value']:.3f} ({better} {t['target']:g}): {verdict}")
     return "\n".join(lines)
 
 
@@ -976,9 +999,9 @@ def _main(args) -> int:
             print(f"skipping {name}: this ComfyUI tree has no CogVideoX model code", file=sys.stderr)
             continue
         cases.append((name, case))
-    runs_per_case = 3 if args.vram_check else (4 if args.warmup_run and cuda else 3)
     count = 1 + args.measure_steps
-    total = sum((2 + 5 * 2 + 2) if args.vram_check else runs_per_case * count for _ in cases)
+    per_case = 3 * count + (2 if args.warmup_run and cuda else 0)  # dense, AdaCluster, core node, warm-up
+    total = len(cases) * ((2 + 5 * 2 + 2) if args.vram_check else per_case)
     progress = _Progress(total, args.progress)
     header = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
               "torch": torch.__version__, "comfyui": comfyui_version(root), "comfyui_path": str(root),
