@@ -576,7 +576,13 @@ def benchmark_case(name: str, case: Case, args, device: torch.device, dtype: tor
            "steps": args.steps, "cfg": args.cfg, "sampler": f"{bench.sampler_name} / {bench.scheduler}",
            "preset_warmup_steps": warmup, "measured_slice": [s0, s0 + count], "measured_sparse_steps": measured}
 
-    # Dense, through the backend ComfyUI picks, with the attention calls timed.
+    # Dense, through the backend ComfyUI picks, with the attention calls timed. First calls pay for lazy
+    # initialisation (kernel loading, library handles, autotuning): each timed run on the GPU follows an
+    # untimed warm-up at the same shape.
+    warm = args.warmup_run and device.type == "cuda"
+    if warm:
+        progress.set_description(f"{name}: dense warm-up step")
+        bench.run(base, s0, 1)
     progress.set_description(f"{name}: dense")
     timer = AttentionTimer(device)
     dense = bench.run(base, s0, count, attention=timer)
@@ -597,7 +603,7 @@ def benchmark_case(name: str, case: Case, args, device: torch.device, dtype: tor
     patch = comfy_adapter.find_patch(patched)
     if patch is None:
         raise BenchError(f"the AdaCluster node did not patch the {spec.name} model")
-    if args.warmup_run and device.type == "cuda":
+    if warm:
         progress.set_description(f"{name}: sparse warm-up run (kernel compilation)")
         bench.run(patched, s0, 2)
     cache_peak = [0]
@@ -650,6 +656,9 @@ def benchmark_case(name: str, case: Case, args, device: torch.device, dtype: tor
         core = CoreSparseEmulation(sol, bench.core_start_sigma)
         core_model = base.clone()
         core_model.model_options.setdefault("transformer_options", {})["optimized_attention_override"] = core
+        if warm:
+            bench.run(core_model, s0, 1)
+            core.sparse_calls, core.dense_reasons = 0, {}
         result = bench.run(core_model, s0, count)
         t_core = _median(result["step_ms"])
         whole_core = core_dense * t_dense + (s - core_dense) * t_core
@@ -951,7 +960,8 @@ def parse_args(argv=None):
                    "above 1 doubles the work of every step, dense and sparse alike")
     p.add_argument("--seed", type=int, default=7)
     p.add_argument("--no-warmup-run", dest="warmup_run", action="store_false",
-                   help="skip the short sparse run that compiles the kernels before the timed one")
+                   help="on the GPU, skip the untimed warm-up runs (1 dense step, 2 sparse steps, 1 core-node "
+                   "step) that load and compile the kernels before the timed runs")
     p.add_argument("--vram-check", action="store_true",
                    help=f"run the VRAM and state check instead (case {VRAM_CHECK_CASE} unless --cases names one)")
     p.add_argument("--out", default="output/model_bench", help="folder for the JSON and PNG files")
@@ -1000,7 +1010,7 @@ def _main(args) -> int:
             continue
         cases.append((name, case))
     count = 1 + args.measure_steps
-    per_case = 3 * count + (2 if args.warmup_run and cuda else 0)  # dense, AdaCluster, core node, warm-up
+    per_case = 3 * count + (4 if args.warmup_run and cuda else 0)  # dense, AdaCluster, core node, warm-ups
     total = len(cases) * ((2 + 5 * 2 + 2) if args.vram_check else per_case)
     progress = _Progress(total, args.progress)
     header = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",

@@ -130,6 +130,8 @@ def test_node_v1_classes(comfy_v1):
 # --------------------------------------------------------------------------------------- the command
 @pytest.fixture(scope="module")
 def vae(comfy):
+    if 'sd["decoder.head.0.gamma"]' not in (comfy.tree.path / "comfy" / "sd.py").read_text():
+        pytest.skip(f"{comfy.tree.label} fixes the Wan 2.1 VAE width at 96: too slow to decode on a CPU test")
     path = comfy.base / "models" / "vae" / VAE_NAME
     path.parent.mkdir(parents=True, exist_ok=True)
     if not path.exists():
@@ -240,3 +242,28 @@ def test_cli_time_limit(comfy, vae, tmp_path):
     _wait_idle(comfy)
     assert result.returncode == 2, result.stdout + result.stderr
     assert "did not finish within the time limit of 0.2 s" in result.stderr and "Traceback" not in result.stderr
+
+
+# ------------------------------------------------------------------------------ graph edits (no server)
+def test_bypass_rewires_consumers_to_the_model_input(tmp_path):
+    from comfyui_adacluster.adacluster_core.tools import ab
+
+    info = {"AdaClusterSparseAttention": {"input": {"required": {"model": ["MODEL", {}], "preset": [["auto"], {}]}},
+                                          "output": ["MODEL"]}}
+    graph = {"1": {"class_type": "UNETLoader", "inputs": {}},
+             "5": {"class_type": "AdaClusterSparseAttention", "inputs": {"model": ["1", 0], "preset": "auto"}},
+             "15": {"class_type": "AdaClusterSparseAttention", "inputs": {"model": ["1", 0], "preset": "auto"}},
+             "6": {"class_type": "KSampler", "inputs": {"model": ["5", 0], "seed": 1}},
+             "16": {"class_type": "KSamplerAdvanced", "inputs": {"model": ["15", 0], "noise_seed": 1}},
+             "8": {"class_type": "AdaClusterReport", "inputs": {"model": ["5", 0]}}}
+    assert ab.find_sparse_nodes(graph, None) == ["5", "15"]
+    dense = ab.bypass(graph, ["5", "15"], info)
+    assert "5" not in dense and "15" not in dense and graph["6"]["inputs"]["model"] == ["5", 0]
+    assert dense["6"]["inputs"]["model"] == ["1", 0] == dense["16"]["inputs"]["model"] == dense["8"]["inputs"]["model"]
+    assert ab.set_seed(graph, 42) == ["6", "16"] and graph["16"]["inputs"]["noise_seed"] == 42
+    with pytest.raises(ab.ABError, match="--node 99: the workflow has no node with that id"):
+        ab.find_sparse_nodes(graph, ["99"])
+    ui = tmp_path / "ui.json"
+    ui.write_text(json.dumps({"nodes": [], "links": []}))
+    with pytest.raises(ab.ABError, match="UI format.*Export \\(API\\)"):
+        ab.load_workflow(str(ui))
