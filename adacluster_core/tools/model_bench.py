@@ -863,7 +863,7 @@ def render_steps(rows: list):
     from .plot import _font
 
     width, panel_h, margin = 900, 260, 50
-    image = Image.new("RGB", (width, max(1, len(rows)) * (panel_h + 30) + 20), (255, 255, 255))
+    image = Image.new("RGB", (width, max(1, len(rows)) * (panel_h + 30) + 30), (255, 255, 255))
     draw = ImageDraw.Draw(image)
     font = _font(13)
     colors = {"dense": (90, 90, 90), "adacluster": (40, 100, 190), "core sparse": (220, 120, 30),
@@ -901,7 +901,12 @@ def render_steps(rows: list):
         for j, name in enumerate(list(series) + list(lines)):
             draw.line((x1 + 15, y0 + 10 + 18 * j, x1 + 35, y0 + 10 + 18 * j), fill=colors[name], width=3)
             draw.text((x1 + 40, y0 + 3 + 18 * j), name, fill=(20, 20, 20), font=font)
-        draw.text((x0, y1 + 4), "step 0 of the AdaCluster run is its calibration step", fill=(90, 90, 90), font=font)
+        first = r["measured_slice"][0]
+        for i in range(steps):
+            x = xy(i, 0)[0]
+            draw.text((x - 8, y1 + 3), str(first + i), fill=(90, 90, 90), font=font)
+        draw.text((x0, y1 + 20), f"sampler step of the {r['steps']}-step schedule; the first AdaCluster step is its "
+                  "calibration step", fill=(90, 90, 90), font=font)
     return image
 
 
