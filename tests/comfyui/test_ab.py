@@ -146,7 +146,7 @@ SETTINGS = {**TINY_SETTINGS, "query_clusters": 4, "initial_top_k": 4, "top_k_clu
 
 
 def t2v_workflow(seed: int = 3, sparse: bool = True, output: bool = True, unet: str = "tiny_wan21_t2v.safetensors",
-                 profile: str = "") -> dict:
+                 profile: str = "", steps: int = 3) -> dict:
     """Tiny Wan 2.1: 9 frames of 96 x 80 -> 3 x 10 x 12 latent -> 90 video tokens."""
     model = ["5", 0] if sparse else ["1", 0]
     graph = {
@@ -156,7 +156,7 @@ def t2v_workflow(seed: int = 3, sparse: bool = True, output: bool = True, unet: 
         "4": {"class_type": "EmptyHunyuanLatentVideo", "inputs": {"width": 96, "height": 80, "length": 9,
                                                                   "batch_size": 1}},
         "6": {"class_type": "KSampler", "inputs": {
-            "model": model, "seed": seed, "steps": 3, "cfg": 1.0, "sampler_name": "euler", "scheduler": "simple",
+            "model": model, "seed": seed, "steps": steps, "cfg": 1.0, "sampler_name": "euler", "scheduler": "simple",
             "positive": ["2", 0], "negative": ["3", 0], "latent_image": ["4", 0], "denoise": 1.0}},
         "10": {"class_type": "VAELoader", "inputs": {"vae_name": VAE_NAME}},
         "11": {"class_type": "VAEDecode", "inputs": {"samples": ["6", 0], "vae": ["10", 0]}},
@@ -238,7 +238,8 @@ def test_cli_errors_name_the_problem(comfy, vae, tmp_path, case):
 
 
 def test_cli_time_limit(comfy, vae, tmp_path):
-    result = _cli(tmp_path, t2v_workflow(seed=99), "--timeout", "0.2", server=_server(comfy))
+    # 400 steps take well over a second even on a fast CPU; the limit is 0.2 s.
+    result = _cli(tmp_path, t2v_workflow(seed=99, steps=400), "--timeout", "0.2", server=_server(comfy))
     _wait_idle(comfy)
     assert result.returncode == 2, result.stdout + result.stderr
     assert "did not finish within the time limit of 0.2 s" in result.stderr and "Traceback" not in result.stderr
