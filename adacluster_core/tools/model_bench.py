@@ -189,6 +189,33 @@ def setup_comfyui(path: Optional[str], cpu: bool):
     return root
 
 
+def enable_dynamic_vram() -> None:
+    """Switches ComfyUI to its DynamicVRAM model patcher (comfy-aimdo), as its main.py does by default on
+    NVIDIA GPUs in trees that have it."""
+    import comfy.memory_management
+    import comfy.model_management
+    import comfy.model_patcher
+
+    if not hasattr(comfy.model_patcher, "ModelPatcherDynamic"):
+        raise BenchError("--dynamic-vram: this ComfyUI tree has no DynamicVRAM model patcher")
+    try:
+        import comfy_aimdo.control
+    except ImportError as exc:
+        raise BenchError(f"--dynamic-vram needs comfy-aimdo: {exc}") from exc
+    from comfy.cli_args import args as comfy_args
+
+    devices = comfy.model_management.get_all_torch_devices()
+    headroom = int(getattr(comfy_args, "vram_headroom", 0) * 1024 ** 3)
+    try:
+        ready = comfy_aimdo.control.init_devices((d.index, headroom) for d in devices)
+    except TypeError:  # older comfy-aimdo takes device indices only
+        ready = comfy_aimdo.control.init_devices(d.index for d in devices)
+    if not ready:
+        raise BenchError("--dynamic-vram: comfy-aimdo did not initialise on this machine")
+    comfy.model_patcher.CoreModelPatcher = comfy.model_patcher.ModelPatcherDynamic
+    comfy.memory_management.aimdo_enabled = True
+
+
 def comfyui_version(root: Path) -> str:
     text = (root / "comfyui_version.py").read_text() if (root / "comfyui_version.py").exists() else ""
     for line in text.splitlines():
@@ -808,7 +835,7 @@ def format_table(rows: list) -> str:
     for r in rows:
         d, a, w, c = r["dense"], r["adacluster"], r["whole_run"], r["core_sparse"]
         lines.append(f"{r['label']} ({r['model_class']}, {r['parameters'] / 1e9:.2f}B parameters, "
-                     f"{r['video_tokens']} video tokens, cfg {r['cfg']:g})")
+                     f"{r['video_tokens']} video tokens, cfg {r['cfg']:g}, {r['patcher_class']})")
         lines.append(f"  dense step          {d['step_ms_median']:10.1f} ms   backend {d['backend']} "
                      f"(kernel {d['sdpa_kernel']}); self-attention {100 * d['self_attention_share']:.0f}% of the "
                      f"step, all attention {100 * d['attention_share']:.0f}%")
@@ -840,8 +867,8 @@ def format_table(rows: list) -> str:
 
 
 def format_vram(check: dict) -> str:
-    lines = [f"VRAM check, {check['label']}: baseline {_mib(check['baseline_allocated_bytes'])} allocated, dense "
-             f"peak {_mib(check['dense_peak_vram_bytes'])}"]
+    lines = [f"VRAM check, {check['label']} ({check['patcher_class']}): baseline "
+             f"{_mib(check['baseline_allocated_bytes'])} allocated, dense peak {_mib(check['dense_peak_vram_bytes'])}"]
     for r in check["runs"]:
         delta = "-" if r["delta_bytes"] is None else f"{r['delta_bytes']:+,d} bytes"
         lines.append(f"  run {r['run']}: peak {_mib(r['peak_vram_bytes'])}, after the run {delta} from the baseline, "
@@ -969,6 +996,9 @@ def parse_args(argv=None):
                    "step) that load and compile the kernels before the timed runs")
     p.add_argument("--vram-check", action="store_true",
                    help=f"run the VRAM and state check instead (case {VRAM_CHECK_CASE} unless --cases names one)")
+    p.add_argument("--dynamic-vram", action="store_true",
+                   help="load through ComfyUI's DynamicVRAM model patcher (comfy-aimdo), which ComfyUI's main.py "
+                   "turns on by default on NVIDIA GPUs; without it the classic ModelPatcher loads the model")
     p.add_argument("--out", default="output/model_bench", help="folder for the JSON and PNG files")
     p.add_argument("--no-progress", dest="progress", action="store_false")
     args = p.parse_args(argv)
@@ -1003,6 +1033,11 @@ def _main(args) -> int:
     cuda = torch.cuda.is_available() and not args.tiny
     root = setup_comfyui(args.comfyui, cpu=not cuda)
     import comfy.model_management
+
+    if args.dynamic_vram:
+        if not cuda:
+            raise BenchError("--dynamic-vram needs a CUDA GPU (and not --tiny)")
+        enable_dynamic_vram()
 
     device = comfy.model_management.get_torch_device()
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
