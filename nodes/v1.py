@@ -82,12 +82,15 @@ class AdaClusterReportV1:
 
 
 assert custom_validator(WIDGETS) is PROFILE_WIDGET and custom_validator(REPORT_WIDGETS) is SAVE_PROFILE_WIDGET
+from .ab import AB_DISPLAY_NAME, AB_NODE_ID, SparseAttentionABV1  # noqa: E402
 
 NODE_CLASS_MAPPINGS = {
     common.APPLY_NODE_ID: AdaClusterSparseAttentionV1,
     common.REPORT_NODE_ID: AdaClusterReportV1,
+    AB_NODE_ID: SparseAttentionABV1,
 }
 NODE_DISPLAY_NAME_MAPPINGS = {
     common.APPLY_NODE_ID: common.APPLY_DISPLAY_NAME,
     common.REPORT_NODE_ID: common.REPORT_DISPLAY_NAME,
+    AB_NODE_ID: AB_DISPLAY_NAME,
 }

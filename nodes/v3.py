@@ -108,7 +108,9 @@ assert custom_validator(WIDGETS) is PROFILE_WIDGET and custom_validator(REPORT_W
 
 class AdaClusterExtension(ComfyExtension):
     async def get_node_list(self):
-        return [AdaClusterSparseAttention, AdaClusterReport]
+        from .ab import SparseAttentionAB
+
+        return [AdaClusterSparseAttention, AdaClusterReport, SparseAttentionAB]
 
 
 async def comfy_entrypoint() -> ComfyExtension:

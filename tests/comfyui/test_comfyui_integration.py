@@ -271,8 +271,8 @@ WORKFLOW_NAMES = sorted(p.stem for p in WORKFLOWS.glob("*.json"))
 
 
 def test_every_family_has_a_ui_and_an_api_workflow():
-    assert len(WORKFLOW_NAMES) == 4
-    for family in ("wan2.1", "wan2.2_a14b", "hunyuan_video", "cogvideox"):
+    assert len(WORKFLOW_NAMES) == 5  # one per family, plus the dense-against-sparse A/B example
+    for family in ("wan2.1_t2v_adacluster", "wan2.1_t2v_ab", "wan2.2_a14b", "hunyuan_video", "cogvideox"):
         assert any(name.startswith(family) for name in WORKFLOW_NAMES), family
     for name in WORKFLOW_NAMES:
         assert (WORKFLOWS / "api" / f"{name}.json").is_file(), name
