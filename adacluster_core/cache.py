@@ -196,7 +196,8 @@ class RunCache:
         """layer -> (mean key cluster count over heads and branches, any head hard)."""
         per_layer = defaultdict(list)
         for (layer, _), state in self.states.items():
-            per_layer[layer].append(state)
+            if isinstance(state, BranchState):  # clustering state (other methods keep their own kinds)
+                per_layer[layer].append(state)
         return {layer: (float(torch.stack([s.k_counts.float().mean() for s in states]).mean()),
                         bool(torch.stack([s.hard.any() for s in states]).any()))
                 for layer, states in per_layer.items()}
