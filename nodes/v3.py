@@ -99,7 +99,9 @@ class AdaClusterReport(io.ComfyNode):
 
 class AdaClusterExtension(ComfyExtension):
     async def get_node_list(self):
-        return [AdaClusterSparseAttention, AdaClusterReport]
+        from .method_nodes_v3 import NODES as METHOD_NODES
+
+        return [AdaClusterSparseAttention, AdaClusterReport, *METHOD_NODES]
 
 
 async def comfy_entrypoint() -> ComfyExtension:

@@ -54,10 +54,12 @@ class ModDiTConfig:
         _int("block", self.block, 16, 1024)
         _int("refresh_interval", self.refresh_interval, 1, 10000)
         _int("frame_tokens", self.frame_tokens, 0, 1 << 30)
-        for name, low, high in (("eta", 0.0, 1.0), ("tau_e", 0.0, 1.0), ("ridge", 0.0, 1.0)):
+        for name, low_open in (("eta", True), ("tau_e", False), ("ridge", True)):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not low < value < high:
-                raise ConfigError(f"{name} = {value!r} is out of range: expected a number in ({low}, {high})")
+            number = isinstance(value, (int, float)) and not isinstance(value, bool)
+            if not number or not (0.0 < value if low_open else 0.0 <= value) or not value < 1.0:
+                raise ConfigError(f"{name} = {value!r} is out of range: expected a number in "
+                                  f"{'(' if low_open else '['}0, 1)")
         return self
 
 

@@ -204,7 +204,7 @@ WORKFLOW_NAMES = sorted(p.stem for p in WORKFLOWS.glob("*.json"))
 
 
 def test_every_family_has_a_ui_and_an_api_workflow():
-    assert len(WORKFLOW_NAMES) == 4
+    assert len(WORKFLOW_NAMES) == 6  # AdaCluster for each family, AdaSpa (HunyuanVideo), MOD-DiT (Wan 2.1)
     for family in ("wan2.1", "wan2.2_a14b", "hunyuan_video", "cogvideox"):
         assert any(name.startswith(family) for name in WORKFLOW_NAMES), family
     for name in WORKFLOW_NAMES:
@@ -220,7 +220,8 @@ def test_workflow_validates_and_ui_converts_to_api(comfy, name):
     info = comfy.object_info()
     assert validate_api(api, info) == []
     assert ui_to_api(ui, info) == {k: {"class_type": v["class_type"], "inputs": v["inputs"]} for k, v in api.items()}
-    nodes = [n for n in api.values() if n["class_type"] == "AdaClusterSparseAttention"]
+    apply_nodes = ("AdaClusterSparseAttention", "AdaSpaSparseAttention", "ModDiTSparseAttention")
+    nodes = [n for n in api.values() if n["class_type"] in apply_nodes]
     assert nodes and all(n["inputs"]["model"] for n in nodes)
 
 
