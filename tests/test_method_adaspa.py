@@ -143,8 +143,19 @@ def test_runner_flow_fused_then_lse_cached_search(monkeypatch):
     assert len(seen) == 1  # one LSE-cached search, at step 3
     torch.testing.assert_close(seen[0], torch.stack([first[b].lse for b in branches]))
     assert all(cache.state(0, b).step == 3 for b in branches)
+    assert all(cache.state(0, b).lse is None for b in branches)  # no search left: the LSE is freed
     kept = cache.report().layers[0].kept_fraction
     assert 0.1 < kept < 0.5
     assert cache.memory_bytes() > 0
     cache.end_run()
     assert cache.memory_bytes() == 0 and cache.last_calibration is None
+
+
+def test_the_method_must_share_the_runners_cache():
+    with pytest.raises(ValueError, match="RunCache"):
+        SparseAttention(SHARED, RunCache(), method=AdaSpa(AdaSpaConfig(), RunCache()))
+    cache = RunCache()
+    runner = SparseAttention(SHARED, cache, method=AdaSpa(AdaSpaConfig(), cache))
+    q, k, _ = varied_heads(n=100)
+    with pytest.raises(TypeError, match="adaspa"):
+        runner.cluster(q, k, CallInfo(0, 0, 5, (0,)))

@@ -85,7 +85,7 @@ class SearchResult:
 class AdaSpaState:
     """Search state of one (layer, branch)."""
 
-    lse: torch.Tensor  # (H, N) fp32 LSE of the first search
+    lse: Optional[torch.Tensor]  # (H, N) fp32 LSE of the first search; dropped once no later search remains
     text_mass: torch.Tensor  # (H, nq) fp32 text share of every query block at the first search
     mask: torch.Tensor  # (H, nq, ceil(nk / 8)) uint8, packed kept-block mask
     sparsity: torch.Tensor  # (H,)
@@ -94,7 +94,7 @@ class AdaSpaState:
     step: int  # sampler step of the last search
 
     def tensors(self):
-        return (self.lse, self.text_mass, self.mask, self.sparsity, self.recall)
+        return tuple(t for t in (self.lse, self.text_mass, self.mask, self.sparsity, self.recall) if t is not None)
 
 
 def keep_counts(sparsity: torch.Tensor, n_blocks: int) -> torch.Tensor:
@@ -174,16 +174,17 @@ class AdaSpa(SparseMethod):
             video_share = (rows - text_mass).clamp_min(0.0)
             mass = mass * (video_share / mass.sum(-1).clamp_min(1e-30)).unsqueeze(-1)
         result = search(mass, text_mass, self.config)
+        keep_lse = call.step < self.config.search_schedule(call.total_steps)[-1]  # a later search will reuse it
         for b, branch in enumerate(call.branches[:q.shape[0]]):
             self.cache.set_state(call.layer, branch, AdaSpaState(
-                lse=lse[b].float(), text_mass=text_mass[b], mask=pack_mask(result.mask[b]),
+                lse=lse[b].float() if keep_lse else None, text_mass=text_mass[b], mask=pack_mask(result.mask[b]),
                 sparsity=result.sparsity[b], recall=result.recall[b], tokens=n, step=call.step))
 
     def plan(self, q: torch.Tensor, k: torch.Tensor, call) -> Plan:
         batch, heads, n, _ = q.shape
         states = [self.cache.state(call.layer, branch) for branch in call.branches[:batch]]
         later = call.step in self.config.search_schedule(call.total_steps)[1:]
-        if any(s is None or s.tokens != n for s in states):
+        if any(s is None or s.tokens != n or (later and s.step < call.step and s.lse is None) for s in states):
             # no first search for this branch (it appeared later): search now, from an LSE of this step
             _, lse = kernels.attention_lse(q, k, k)
             self._search(q, k, lse, None, call)
