@@ -159,3 +159,14 @@ def test_the_method_must_share_the_runners_cache():
     q, k, _ = varied_heads(n=100)
     with pytest.raises(TypeError, match="adaspa"):
         runner.cluster(q, k, CallInfo(0, 0, 5, (0,)))
+
+
+def test_block_kept_fraction_equals_the_layouts():
+    from comfyui_adacluster.adacluster_core.layout import Layout, block_offsets
+    from comfyui_adacluster.adacluster_core.methods.base import block_kept_fraction, pack_mask
+
+    selected = torch.rand(2, 3, 5, 5, generator=torch.Generator().manual_seed(9)) < 0.4
+    offsets = block_offsets(2, 3, 290, 64)
+    expected = Layout(offsets, offsets, selected).kept_fraction()
+    torch.testing.assert_close(block_kept_fraction(selected, 290, 64).double(), expected)
+    assert torch.equal(unpack_mask(pack_mask(selected), 5), selected)

@@ -28,7 +28,7 @@ from ..cache import RunCache
 from ..config import ConfigError
 from ..layout import Layout, block_offsets
 from ..schedule import Phase
-from .base import PassResult, Plan, SparseMethod, pack_mask, unpack_mask
+from .base import PassResult, Plan, SparseMethod, block_kept_fraction, pack_mask, unpack_mask
 
 
 @dataclass(frozen=True)
@@ -90,11 +90,13 @@ class AdaSpaState:
     mask: torch.Tensor  # (H, nq, ceil(nk / 8)) uint8, packed kept-block mask
     sparsity: torch.Tensor  # (H,)
     recall: torch.Tensor  # (H,)
+    kept: torch.Tensor  # (H,) fraction of (query, key) pairs the mask keeps
     tokens: int
     step: int  # sampler step of the last search
 
     def tensors(self):
-        return tuple(t for t in (self.lse, self.text_mass, self.mask, self.sparsity, self.recall) if t is not None)
+        return tuple(t for t in (self.lse, self.text_mass, self.mask, self.sparsity, self.recall, self.kept)
+                     if t is not None)
 
 
 def keep_counts(sparsity: torch.Tensor, n_blocks: int) -> torch.Tensor:
@@ -174,11 +176,12 @@ class AdaSpa(SparseMethod):
             video_share = (rows - text_mass).clamp_min(0.0)
             mass = mass * (video_share / mass.sum(-1).clamp_min(1e-30)).unsqueeze(-1)
         result = search(mass, text_mass, self.config)
+        kept = block_kept_fraction(result.mask, n, block)
         keep_lse = call.step < self.config.search_schedule(call.total_steps)[-1]  # a later search will reuse it
         for b, branch in enumerate(call.branches[:q.shape[0]]):
             self.cache.set_state(call.layer, branch, AdaSpaState(
                 lse=lse[b].float() if keep_lse else None, text_mass=text_mass[b], mask=pack_mask(result.mask[b]),
-                sparsity=result.sparsity[b], recall=result.recall[b], tokens=n, step=call.step))
+                sparsity=result.sparsity[b], recall=result.recall[b], kept=kept[b], tokens=n, step=call.step))
 
     def plan(self, q: torch.Tensor, k: torch.Tensor, call) -> Plan:
         batch, heads, n, _ = q.shape
@@ -196,7 +199,7 @@ class AdaSpa(SparseMethod):
         selected = torch.stack([unpack_mask(s.mask, nb) for s in states])
         offsets = block_offsets(batch, heads, n, self.config.block, device=q.device)
         layout = Layout(q_offsets=offsets, k_offsets=offsets, selected=selected)
-        return Plan(layout, layout.kept_fraction())
+        return Plan(layout, torch.stack([s.kept for s in states]))
 
     def recall(self, layer: int, branch) -> Optional[torch.Tensor]:
         """(H,) recall of the last search of (layer, branch), None before any."""

@@ -31,7 +31,7 @@ from ..cache import RunCache
 from ..config import ConfigError
 from ..layout import Layout, block_offsets
 from ..schedule import Phase
-from .base import PassResult, Plan, SparseMethod
+from .base import PassResult, Plan, SparseMethod, block_kept_fraction
 
 # Top-K patterns of the released code per model family
 FAMILY_TOP_K = {"hunyuan_video": 300, "wan": 350, "cogvideox": 100}
@@ -312,7 +312,7 @@ class ModDiT(SparseMethod):
         selected = self.mask_from(fitter, theta, squares)
         offsets = block_offsets(batch, heads, n_tokens, self.config.block, device=q.device)
         layout = Layout(q_offsets=offsets, k_offsets=offsets, selected=selected)
-        return Plan(layout, layout.kept_fraction())
+        return Plan(layout, block_kept_fraction(selected, n_tokens, self.config.block))
 
     def _refresh(self, q, k, call, fitter: Fitter, states) -> None:
         """Rebuild the map (fresh values where the current mask computes, the reconstruction elsewhere), refit."""
