@@ -331,10 +331,11 @@ GRIDS = {"cogvideox2b-480p": (13, 30, 45), "wan1.3b-480p": (21, 30, 52), "wan14b
          "wan14b-720p": (21, 45, 80), "hunyuan-720p": (33, 45, 80)}
 
 
-def bench_methods(name: str, generator, sparsity: float = 0.8, top_k: int = 350) -> dict:
-    """AdaSpa and MOD-DiT at one shape, through the runner: each method's sparse call and its floor (kept
-    fraction x fastest dense), AdaSpa's fused search step and LSE-cached search, MOD-DiT's fit step, fit
-    (from the map to the mask) and refresh, each also as a share of a dense call or of the sparse call."""
+def bench_methods(name: str, generator, sparsity: float = 0.8, top_k: int = 350, with_clustering: bool = True) -> dict:
+    """The pack's methods at one shape, through the runner, on the same q/k/v: AdaSpa's and MOD-DiT's sparse
+    calls and their floor (kept fraction x fastest dense), AdaSpa's fused search step and LSE-cached search,
+    MOD-DiT's fit step, fit (from the map to the mask) and refresh, each also as a share of a dense call or
+    of the sparse call; with ``with_clustering`` also AdaCluster's default and the SVG2 rule (bench_runner)."""
     from ..attention import CallInfo, SparseAttention
     from ..cache import RunCache
     from ..config import from_dict
@@ -395,6 +396,13 @@ def bench_methods(name: str, generator, sparsity: float = 0.8, top_k: int = 350)
                      "refresh_ms": refresh, "refresh_vs_sparse_call": refresh / sparse["call_ms"], **sparse}
     cache.release()
     torch.cuda.empty_cache()
+    if with_clustering:
+        for label, overrides in (("adacluster", {"recipe": "hybrid"}), ("svg2", {"recipe": "svg2", "method": "svg2"})):
+            try:
+                row[label] = bench_runner(q, k, v, overrides, dense_ms)
+            except Exception as error:  # noqa: BLE001 - report, keep benchmarking
+                row[label] = {"error": f"{type(error).__name__}: {str(error).splitlines()[0][:160]}"}
+            torch.cuda.empty_cache()
     return row
 
 
@@ -408,13 +416,14 @@ def methods_main(argv=None):
     parser.add_argument("--top-k", type=int, default=350, help="MOD-DiT diagonal / column patterns kept per head")
     parser.add_argument("--out", default="methods_benchmark.json")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--no-clustering", action="store_true", help="skip the AdaCluster and SVG2 rows")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         parser.error("the benchmark needs a CUDA GPU")
     generator = torch.Generator(device="cuda").manual_seed(args.seed)
     rows = []
     for name in args.shapes:
-        rows.append(bench_methods(name, generator, args.sparsity, args.top_k))
+        rows.append(bench_methods(name, generator, args.sparsity, args.top_k, not args.no_clustering))
         print(json.dumps(rows[-1]), flush=True)
         with open(args.out, "w") as handle:
             json.dump({"device": torch.cuda.get_device_name(), "torch": torch.__version__, "rows": rows}, handle,
