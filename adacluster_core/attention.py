@@ -1,9 +1,10 @@
 """The sparse attention runner: the one entry point an adapter calls for every attention call.
 
 For each call it decides (policy) whether to run dense, run the method's pass (calibration, search or
-fit; dense output), or run sparse; for sparse calls the method (methods/, one module each) plans a Layout
-and the kernels execute it. Joint text+video sequences are split: text queries attend everything densely, video queries
-attend their selected video keys plus every text key (the always-kept sink), honouring an additive mask.
+fit; dense output), or run sparse; for sparse calls the method (methods/, one module each) plans a
+Layout and the kernels execute it. Joint text+video sequences are split: text queries attend everything
+densely, video queries attend their selected video keys plus every text key (the always-kept sink),
+honouring an additive mask.
 Everything is per (batch element, head); batch elements are separate branches (cond / uncond).
 """
 from __future__ import annotations

@@ -214,7 +214,8 @@ class RunCache:
         read from a snapshot of the dict."""
         per_layer = defaultdict(list)
         for (layer, _), state in list(self.states.items()):
-            per_layer[layer].append(state)
+            if isinstance(state, BranchState):  # clustering state (other methods keep their own kinds)
+                per_layer[layer].append(state)
         return {layer: (float(torch.stack([s.k_counts.float().mean().cpu() for s in states]).mean()),
                         bool(torch.stack([s.hard.any().cpu() for s in states]).any()))
                 for layer, states in per_layer.items()}
@@ -223,9 +224,9 @@ class RunCache:
         """layer -> largest relative error of the sparse output measured at calibration over its branches,
         for the layers where it was measured."""
         per_layer = defaultdict(list)
-        for (layer, _), state in self.states.items():
-            if state.calibration_error is not None:
-                per_layer[layer].append(state.calibration_error)
+        for (layer, _), state in list(self.states.items()):
+            if isinstance(state, BranchState) and state.calibration_error is not None:
+                per_layer[layer].append(state.calibration_error.cpu())
         return {layer: float(torch.stack(errors).max()) for layer, errors in per_layer.items()}
 
     def record(self, rec: CallRecord) -> None:

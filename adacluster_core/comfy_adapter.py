@@ -85,12 +85,15 @@ def model_name(model) -> str:
 
 def video_token_count(x: torch.Tensor, patch: tuple) -> int:
     """Tokens of a (B, C, T, H, W) latent after patching (ComfyUI pads to the patch size)."""
+    grid = video_grid(x, patch)
+    return -1 if grid is None else grid[0] * grid[1] * grid[2]
+
+
+def video_grid(x: torch.Tensor, patch: tuple) -> Optional[tuple]:
+    """(frames, height, width) of a (B, C, T, H, W) latent's tokens after patching; None for other shapes."""
     if x.ndim != 5:
-        return -1
-    count = 1
-    for size, p in zip(x.shape[2:], patch):
-        count *= -(-size // p)
-    return count
+        return None
+    return tuple(-(-size // p) for size, p in zip(x.shape[2:], patch))
 
 
 def branch_keys(batch: int, cond_or_uncond, uuids, device=None) -> Optional[tuple]:
@@ -122,7 +125,7 @@ class AdaClusterPatch:
     object on purpose: one node application has one cache."""
 
     def __init__(self, family: ModelFamily, config: AdaClusterConfig, previous=None, profile=None,
-                 verbose: bool = False, label: str = ""):
+                 verbose: bool = False, label: str = "", method=None):
         self.family = family
         self.config = config
         self.previous = previous
@@ -131,7 +134,8 @@ class AdaClusterPatch:
         self.cache = RunCache(method=config.method)
         if profile is not None:
             self.cache.profile = profile
-        self.sparse = SparseAttention(config, self.cache)
+        # method: a callable RunCache -> SparseMethod (AdaSpa, MOD-DiT with their settings); None: config.method
+        self.sparse = SparseAttention(config, self.cache, method=method(self.cache) if method is not None else None)
         self._run_sigmas: Optional[list] = None
         self._logged: set = set()
         self._local = threading.local()
@@ -227,7 +231,8 @@ class AdaClusterPatch:
                            "attention stays dense")
             return None
         return CallInfo(layer=layer, step=state["step"], total_steps=state["total_steps"], branches=branches,
-                        text_len=text_len, text_first=text_first, mask=_mask_4d(mask))
+                        text_len=text_len, text_first=text_first, mask=_mask_4d(mask),
+                        grid=state.get("grid"))
 
     def _wan_layout(self, n: int, options, state) -> Optional[tuple]:
         """(extra tokens, extra tokens first) of a Wan self-attention sequence, None when it must stay dense.
@@ -312,7 +317,7 @@ class AdaClusterPatch:
             "patch": self, "count": 0, "step": step, "total_steps": len(self._run_sigmas) - 1,
             "branches": branch_keys(x.shape[0], options.get("cond_or_uncond"), options.get("uuids"), x.device),
             "text_len": text_len, "video_tokens": video_tokens, "extra_first": extra_first,
-            "extra_last": extra_last,
+            "extra_last": extra_last, "grid": video_grid(x, self.family.patch_size),
         }
         try:
             return executor(*args, **kwargs)
@@ -455,7 +460,7 @@ def _supports_prepare_state_options() -> bool:
 
 
 def patch_model(model, config: AdaClusterConfig, family: Optional[ModelFamily] = None, profile=None,
-                verbose: bool = False):
+                verbose: bool = False, method=None):
     """A clone of ``model`` whose self-attention runs AdaCluster. The input model is not changed.
 
     Unsupported models come back as an unpatched clone, with one log line saying why."""
@@ -472,7 +477,7 @@ def patch_model(model, config: AdaClusterConfig, family: Optional[ModelFamily] =
     if isinstance(previous, AdaClusterPatch):
         log.info("[AdaCluster] model was already patched by AdaCluster; the new settings replace the old ones")
         previous = previous.previous
-    patch = AdaClusterPatch(family, config, previous=previous, profile=profile, verbose=verbose)
+    patch = AdaClusterPatch(family, config, previous=previous, profile=profile, verbose=verbose, method=method)
     options["optimized_attention_override"] = patch
     patched.add_wrapper_with_key(ext.WrappersMP.OUTER_SAMPLE, WRAPPER_KEY, patch.outer_sample_wrapper)
     patched.add_wrapper_with_key(ext.WrappersMP.DIFFUSION_MODEL, WRAPPER_KEY, patch.diffusion_model_wrapper)
@@ -489,15 +494,8 @@ def patch_model(model, config: AdaClusterConfig, family: Optional[ModelFamily] =
                 patch.block_patch(family.double_blocks + i, replace.get(("single_block", i))), "dit", "single_block", i)
     patched.set_attachments(ATTACHMENT_KEY, patch)
     log.info("[AdaCluster] patched %s (%s, %d layers): %s", model_name(model), family.display, family.num_layers,
-             _summary(config))
+             patch.sparse.method.describe())
     return patched
-
-
-def _summary(config: AdaClusterConfig) -> str:
-    return (f"method {config.method}, recipe {config.recipe}, query clusters {config.query_clusters}, "
-            f"initial key clusters {config.initial_key_clusters}, threshold {config.sparsity_threshold}, "
-            f"top-k {config.selection.top_k}, warm-up {config.warmup_steps}, dense layers "
-            f"{config.dense_layer_fraction:.0%}, min tokens {config.min_tokens}")
 
 
 def find_patch(model) -> Optional[AdaClusterPatch]:

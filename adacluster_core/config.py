@@ -88,7 +88,7 @@ SELECTION_RECIPES: dict[str, SelectionConfig] = {
                             own_clusters=False, min_kept_fraction=0.0, head_budget_error=0.0),
 }
 DEFAULT_RECIPE = "hybrid"
-METHODS = ("adacluster", "svg2")
+METHODS = ("adacluster", "svg2", "adaspa", "moddit")  # methods/, one module each
 
 
 @dataclass(frozen=True)

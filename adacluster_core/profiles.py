@@ -17,6 +17,7 @@ from typing import Optional, Sequence
 
 import torch
 
+from .cache import BranchState
 from .config import ConfigError
 
 FORMAT = "adacluster-profile/1"
@@ -56,6 +57,8 @@ def profile_from_cache(cache) -> Optional[CalibrationProfile]:
     per_layer: dict = {}
     heads = tokens = None
     for (layer, _), state in cache.states.items():
+        if not isinstance(state, BranchState):  # not a clustering state: nothing to calibrate from
+            continue
         counts = state.k_counts.detach().cpu()
         per_layer[layer] = counts if layer not in per_layer else torch.maximum(per_layer[layer], counts)
         heads = counts.numel()

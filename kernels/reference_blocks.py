@@ -49,7 +49,7 @@ def block_statistics(q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor, block_
     _check_blocks(block_q, block_k)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     lead, n_q, n_k = q.shape[:-2], q.shape[-2], k.shape[-2]
-    nq, nk = block_count(n_q, block_q), block_count(n_k, block_k)
+    nk = block_count(n_k, block_k)
     pad_k = nk * block_k - n_k
     kf = k.float()
     key_real = torch.arange(nk * block_k, device=q.device) < n_k

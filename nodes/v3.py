@@ -109,8 +109,9 @@ assert custom_validator(WIDGETS) is PROFILE_WIDGET and custom_validator(REPORT_W
 class AdaClusterExtension(ComfyExtension):
     async def get_node_list(self):
         from .ab import SparseAttentionAB
+        from .method_nodes_v3 import NODES as METHOD_NODES
 
-        return [AdaClusterSparseAttention, AdaClusterReport, SparseAttentionAB]
+        return [AdaClusterSparseAttention, AdaClusterReport, *METHOD_NODES, SparseAttentionAB]
 
 
 async def comfy_entrypoint() -> ComfyExtension:

@@ -25,6 +25,8 @@ def test_quick_demo_end_to_end(tmp_path, capsys):
         assert 0 < s["kept_fraction"] <= 1, name
         assert math.isfinite(s["rel_l2"]) and 0 <= s["rel_l2"] < 1, name
         assert 0 < s["kept_mass"] <= 1 + 1e-6, name
+    for name in ("adaspa (s 0.8)", "mod-dit"):  # every method of the pack is a row, and runs sparse
+        assert methods[name]["summary"]["sparse_calls"] > 0 and methods[name]["summary"]["kept_fraction"] < 1, name
     sparse = [e["summary"] for n, e in methods.items() if n != "dense" and e["summary"].get("sparse_calls")]
     assert sparse and any(s["kept_fraction_sparse_calls"] < 1 for s in sparse)
     assert any(s["rel_l2_sparse_calls"] > 0 for s in sparse)  # sparse calls really were approximate

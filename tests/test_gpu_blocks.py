@@ -44,3 +44,34 @@ def test_block_statistics_match_reference(dtype, n, d, block, threshold):
     some_mass, some_below = kernels.block_statistics(q, k, lse, block, block, threshold, blocks=blocks)
     assert torch.isnan(some_mass[~blocks]).all() and torch.isnan(some_below[~blocks]).all()
     torch.testing.assert_close(some_mass[blocks], mass[blocks])
+
+
+@pytest.mark.parametrize("method", ["adaspa", "moddit"])
+@pytest.mark.parametrize("text_len", [0, 37])
+def test_methods_keeping_everything_reproduce_dense_on_cuda(method, text_len):
+    """AdaSpa at sparsity 0 and MOD-DiT keeping every pattern, through the runner on the Triton path."""
+    from comfyui_adacluster.adacluster_core.attention import CallInfo, SparseAttention
+    from comfyui_adacluster.adacluster_core.cache import RunCache
+    from comfyui_adacluster.adacluster_core.config import from_dict
+    from comfyui_adacluster.adacluster_core.methods import AdaSpa, AdaSpaConfig, ModDiT, ModDiTConfig
+
+    n_video = 3 * 20 * 33
+    q, k, v, *_ = case(batch=2, heads=4, n=n_video + text_len, d=128, seed=text_len, device="cuda",
+                       dtype=torch.bfloat16)
+    mask = None
+    if text_len:
+        mask = torch.zeros(2, 1, 1, n_video + text_len, device="cuda")
+        mask[0, ..., -5:] = float("-inf")
+    cache = RunCache()
+    cache.start_run(6)
+    if method == "adaspa":
+        built = AdaSpa(AdaSpaConfig(sparsity=0.0, search_steps=(1, 3), reference_steps=6), cache)
+    else:
+        built = ModDiT(ModDiTConfig(top_k=100_000, warmup_steps=2, refresh_interval=2), cache)
+    runner = SparseAttention(from_dict({"method": method, "min_tokens": 0}), cache, method=built)
+    dense = kernels.dense_attention(q, k, v, mask=mask)
+    for step in range(6):
+        call = CallInfo(0, step, 6, ("c", "u"), text_len=text_len, mask=mask, grid=(3, 20, 33))
+        out = runner(q, k, v, call, dense=lambda: dense)
+        torch.testing.assert_close(out.float(), dense.float(), atol=2e-2, rtol=2e-2)
+    assert sum(r.sparse for r in cache.records) >= 3

@@ -15,6 +15,7 @@ def test_quick_study_measures_every_family(tmp_path):
     families = {p["family"] for p in data["points"]}
     expected = {name for name, _, _ in study.selection_families()}
     assert expected <= families
+    assert {name for name, _ in study.method_families(1, 3, 512)} <= families  # AdaSpa and MOD-DiT rows
     for point in data["points"]:
         assert 0 < point["kept"] <= 1 and 0 <= point["kept_mass"] <= 1 + 1e-6
         assert math.isfinite(point["rel_l2"]) and point["rel_l2"] >= 0

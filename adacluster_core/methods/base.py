@@ -82,6 +82,16 @@ class SparseMethod:
         return self.name
 
 
+def block_kept_fraction(selected: torch.Tensor, tokens: int, block: int) -> torch.Tensor:
+    """(...) fraction of (query, key) pairs a fixed-block mask (..., nq, nk) keeps; fp32, one matrix-vector
+    product (blocks in original order, the last one possibly shorter)."""
+    n = selected.shape[-1]
+    sizes = torch.full((n,), float(block), device=selected.device)
+    sizes[-1] = tokens - (n - 1) * block
+    kept_keys = selected.to(torch.float32) @ sizes  # (..., nq) keys kept per query block row
+    return (kept_keys * sizes).sum(-1) / float(tokens * tokens)
+
+
 def pack_mask(mask: torch.Tensor) -> torch.Tensor:
     """A bool tensor (..., n) as bits (..., ceil(n / 8)) uint8: cached block masks take an eighth."""
     n = mask.shape[-1]

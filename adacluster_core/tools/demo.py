@@ -46,6 +46,7 @@ class Method:
     name: str
     kind: str  # "dense", "runner" (our SparseAttention with ``config``) or "sol" (comfy-kitchen Sol-Attn)
     config: Optional[AdaClusterConfig] = None
+    build: Optional[Callable] = None  # RunCache -> SparseMethod for the runner (AdaSpa, MOD-DiT); None: config's
     tau: float = 1.0  # Sol-Attn routing threshold
     note: str = ""
     short: str = ""  # label in the progress bar
@@ -69,15 +70,46 @@ def sol_attn_function() -> Optional[Callable]:
     return getattr(comfy_kitchen, "sol_attn", None)
 
 
-def default_methods(warmup_steps: int, sol_tau: float = 1.0, head_dim: int = 128, text_len: int = 0) -> list[Method]:
+def adaspa_method(warmup_steps: int, steps: int, sparsity: float = 0.8) -> Callable:
+    """AdaSpa aligned with the other methods' schedule: the full search on the last warm-up step (its output is
+    dense), the LSE-cached search at 60% of the run (as 30 of 50)."""
+    from ..methods.adaspa import AdaSpa, AdaSpaConfig
+
+    first = max(0, warmup_steps - 1)
+    second = min(steps - 1, max(first + 1, int(0.6 * steps + 0.5)))
+    config = AdaSpaConfig(sparsity=sparsity, search_steps=tuple(sorted({first, second})), reference_steps=steps)
+    return lambda cache: AdaSpa(config, cache)
+
+
+def moddit_method(warmup_steps: int, video_tokens: int, top_k: Optional[int] = None) -> Callable:
+    """MOD-DiT with the warm-up of the other methods (fits on its last two steps). Top-K defaults to Wan's share
+    of patterns (350 of the 767 patterns of Wan 480p's 128-token blocks), scaled to this grid."""
+    from ..methods.moddit import FAMILY_TOP_K, ModDiT, ModDiTConfig
+
+    n_blocks = -(-video_tokens // 128)
+    if top_k is None:
+        top_k = max(1, round(FAMILY_TOP_K["wan"] * (3 * n_blocks - 1) / (3 * 256 - 1)))
+    config = ModDiTConfig(top_k=top_k, warmup_steps=max(1, warmup_steps))
+    return lambda cache: ModDiT(config, cache)
+
+
+def default_methods(warmup_steps: int, sol_tau: float = 1.0, head_dim: int = 128, text_len: int = 0, steps: int = 5,
+                    video_tokens: int = 7680) -> list[Method]:
     methods = [
         Method("dense", "dense", note="torch SDPA"),
         Method(f"adacluster ({DEFAULT_RECIPE})", "runner", runner_config(None, warmup_steps=warmup_steps),
                note="default recipe", short="default"),
-        Method("adacluster (paper)", "runner", runner_config("paper", warmup_steps=warmup_steps),
+        Method("adacluster (paper)", "runner",
+               runner_config("paper", warmup_steps=warmup_steps, dense_layers_by="clusters"),
                note="as published: TensorQuest Top-K", short="paper"),
         Method("svg2 rule", "runner", runner_config("svg2", "svg2", warmup_steps=warmup_steps),
                note="Euclidean k-means both sides, centroid top-p", short="svg2"),
+        Method("adaspa (s 0.8)", "runner", runner_config(None, "adaspa", warmup_steps=warmup_steps),
+               adaspa_method(warmup_steps, steps), note="64-token blocks, Top-k by searched mass, head-adaptive",
+               short="adaspa"),
+        Method("mod-dit", "runner", runner_config(None, "moddit", warmup_steps=warmup_steps),
+               moddit_method(warmup_steps, video_tokens), note="fitted diagonal/vertical/frame patterns, 128 blocks",
+               short="moddit"),
     ]
     if sol_attn_function() is None:
         sol_note = "comfy-kitchen is not installed: pip install comfy-kitchen"
@@ -299,7 +331,8 @@ def run_methods(workload: VideoAttentionWorkload, methods: list[Method], warmup_
         if m.kind == "runner":
             cache = RunCache()
             cache.start_run(cfg.steps)
-            runners[m.name] = SparseAttention(m.config, cache, observer=LayoutRecorder())
+            runners[m.name] = SparseAttention(m.config, cache, observer=LayoutRecorder(),
+                                              method=m.build(cache) if m.build is not None else None)
         if m.kind == "sol" and (sol is None or cfg.head_dim != 128 or cfg.text_len):
             results[m.name].available = False
     gen = torch.Generator().manual_seed(cfg.seed + 17)
@@ -314,7 +347,8 @@ def run_methods(workload: VideoAttentionWorkload, methods: list[Method], warmup_
             measure = step in measured_steps
             call = CallInfo(layer=layer, step=step, total_steps=cfg.steps,
                             branches=tuple(("branch", b) for b in range(cfg.batch)),
-                            text_len=cfg.text_len, text_first=text_first, mask=mask)
+                            text_len=cfg.text_len, text_first=text_first, mask=mask,
+                            grid=(cfg.frames, cfg.height, cfg.width))
             dense_out = reference.output()
             for m in methods:
                 result = results[m.name]
@@ -596,7 +630,7 @@ def main(argv=None) -> int:
     cfg = workload.config
     started = time.perf_counter()
     print(f"workload: {workload.describe()}")
-    methods = default_methods(args.warmup, args.sol_tau, cfg.head_dim, cfg.text_len)
+    methods = default_methods(args.warmup, args.sol_tau, cfg.head_dim, cfg.text_len, cfg.steps, cfg.video_tokens)
     sol_steps = None if args.sol_steps == "all" else {cfg.steps - 1}
     results = run_methods(workload, methods, args.warmup, args.samples, sol_steps, progress=not args.no_progress)
     elapsed = time.perf_counter() - started

@@ -347,5 +347,112 @@ def _write(args, device_name, rows):
         json.dump(result, handle, indent=1)
 
 
+
+# ------------------------------------------------------------------------------------- AdaSpa and MOD-DiT
+# token grids (frames, height, width) of the shapes, for MOD-DiT's frame patterns
+GRIDS = {"cogvideox2b-480p": (13, 30, 45), "wan1.3b-480p": (21, 30, 52), "wan14b-480p": (21, 30, 52),
+         "wan14b-720p": (21, 45, 80), "hunyuan-720p": (33, 45, 80)}
+
+
+def bench_methods(name: str, generator, sparsity: float = 0.8, top_k: int = 350, with_clustering: bool = True) -> dict:
+    """The pack's methods at one shape, through the runner, on the same q/k/v: AdaSpa's and MOD-DiT's sparse
+    calls and their floor (kept fraction x fastest dense), AdaSpa's fused search step and LSE-cached search,
+    MOD-DiT's fit step, fit (from the map to the mask) and refresh, each also as a share of a dense call or
+    of the sparse call; with ``with_clustering`` also AdaCluster's default and the SVG2 rule (bench_runner)."""
+    from ..attention import CallInfo, SparseAttention
+    from ..cache import RunCache
+    from ..config import from_dict
+    from ..methods.adaspa import AdaSpa, AdaSpaConfig
+    from ..methods.moddit import ModDiT, ModDiTConfig
+    from ...kernels import dense_attention, execute_layout
+
+    heads, tokens, d = SHAPES[name]
+    q, k, v = [torch.randn(1, heads, tokens, d, generator=generator, device="cuda", dtype=torch.bfloat16)
+               for _ in range(3)]
+    backend, dense_ms, _ = fastest_dense(q, k, v)
+    row = {"shape": name, "heads": heads, "tokens": tokens, "head_dim": d, "dense_backend": backend,
+           "dense_ms": dense_ms}
+    dense = lambda: dense_attention(q, k, v)  # noqa: E731
+
+    def sparse_rows(runner, method, call) -> dict:
+        layout = method.plan(q, k, call).layout
+        kept = float(layout.kept_fraction().mean())
+        out = {"kept_fraction": kept, "call_ms": time_ms(lambda: runner(q, k, v, call, dense=dense)),
+               "plan_ms": time_ms(lambda: method.plan(q, k, call)),
+               "kernel_ms": time_ms(lambda: execute_layout(q, k, v, layout))}
+        out.update(call_vs_floor=out["call_ms"] / (kept * dense_ms), kernel_vs_floor=out["kernel_ms"] / (kept * dense_ms),
+                   speedup=dense_ms / out["call_ms"])
+        return out
+
+    cache = RunCache()
+    cache.start_run(50)
+    adaspa = AdaSpa(AdaSpaConfig(sparsity=sparsity), cache)
+    runner = SparseAttention(from_dict({"method": "adaspa", "min_tokens": 0}), cache, method=adaspa)
+    first, later = adaspa.config.search_schedule(50)[:2]
+    fused = time_ms(lambda: runner(q, k, v, CallInfo(0, first, 50, (0,)), dense=dense))
+    state = cache.state(0, 0)
+    cached_call = CallInfo(0, later, 50, (0,))
+    cached = time_ms(lambda: adaspa._search(q, k, state.lse[None], state.text_mass[None], cached_call))
+    row["adaspa"] = {"sparsity": sparsity, "fused_search_ms": fused, "fused_search_vs_dense": fused / dense_ms,
+                     "cached_search_ms": cached, "cached_search_vs_dense": cached / dense_ms,
+                     **sparse_rows(runner, adaspa, CallInfo(0, later + 1, 50, (0,)))}
+    cache.release()
+    torch.cuda.empty_cache()
+
+    cache = RunCache()
+    cache.start_run(50)
+    moddit = ModDiT(ModDiTConfig(top_k=top_k), cache)
+    runner = SparseAttention(from_dict({"method": "moddit", "min_tokens": 0}), cache, method=moddit)
+    grid = GRIDS.get(name)
+    m = moddit.config.warmup_steps
+    runner(q, k, v, CallInfo(0, m - 2, 50, (0,), grid=grid), dense=dense)
+    fit_step = time_ms(lambda: runner(q, k, v, CallInfo(0, m - 1, 50, (0,), grid=grid), dense=dense))
+    fitter = moddit.fitter(tokens, grid, q.device)
+    state = cache.state(0, 0)
+    sparsity_map = moddit.sparsity_map(q, k, state.lse[None])
+    fit = time_ms(lambda: moddit.mask_from(fitter, fitter.fit(sparsity_map), state.squares[None]))
+    sparse = sparse_rows(runner, moddit, CallInfo(0, m, 50, (0,), grid=grid))
+    refresh_call = CallInfo(0, m + moddit.config.refresh_interval, 50, (0,), grid=grid)
+    refresh = time_ms(lambda: moddit._refresh(q, k, refresh_call, fitter, [cache.state(0, 0)]))
+    row["moddit"] = {"top_k": top_k, "grid": grid, "patterns": fitter.bases.size, "fit_step_ms": fit_step,
+                     "fit_step_vs_dense": fit_step / dense_ms, "fit_ms": fit, "fit_vs_sparse_call": fit / sparse["call_ms"],
+                     "refresh_ms": refresh, "refresh_vs_sparse_call": refresh / sparse["call_ms"], **sparse}
+    cache.release()
+    torch.cuda.empty_cache()
+    if with_clustering:
+        for label, overrides in (("adacluster", {"recipe": "hybrid"}), ("svg2", {"recipe": "svg2", "method": "svg2"})):
+            try:
+                row[label] = bench_runner(q, k, v, overrides, dense_ms)
+            except Exception as error:  # noqa: BLE001 - report, keep benchmarking
+                row[label] = {"error": f"{type(error).__name__}: {str(error).splitlines()[0][:160]}"}
+            torch.cuda.empty_cache()
+    return row
+
+
+def methods_main(argv=None):
+    """python -c "from comfyui_adacluster.adacluster_core.tools.kernel_bench import methods_main; methods_main()"
+    [--shapes ...] [--sparsity 0.8] [--top-k 350] [--out methods_benchmark.json]"""
+    parser = argparse.ArgumentParser(description="AdaSpa and MOD-DiT on the GPU: sparse calls vs floor, search and "
+                                     "fit costs")
+    parser.add_argument("--shapes", nargs="+", default=["wan1.3b-480p", "wan14b-720p"], choices=list(SHAPES))
+    parser.add_argument("--sparsity", type=float, default=0.8, help="AdaSpa sparsity in [0, 1)")
+    parser.add_argument("--top-k", type=int, default=350, help="MOD-DiT diagonal / column patterns kept per head")
+    parser.add_argument("--out", default="methods_benchmark.json")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--no-clustering", action="store_true", help="skip the AdaCluster and SVG2 rows")
+    args = parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        parser.error("the benchmark needs a CUDA GPU")
+    generator = torch.Generator(device="cuda").manual_seed(args.seed)
+    rows = []
+    for name in args.shapes:
+        rows.append(bench_methods(name, generator, args.sparsity, args.top_k, not args.no_clustering))
+        print(json.dumps(rows[-1]), flush=True)
+        with open(args.out, "w") as handle:
+            json.dump({"device": torch.cuda.get_device_name(), "torch": torch.__version__, "rows": rows}, handle,
+                      indent=1)
+    print(f"wrote {args.out}")
+
+
 if __name__ == "__main__":
     main()

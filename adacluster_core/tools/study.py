@@ -9,7 +9,8 @@ steps many selection settings are applied to the same clusters: score (TensorQue
 centroid estimate, blend) x count (Top-K at several K, cumulative mass at several top_p), with the pooled
 tail and the locality guard (own 64-token block + own key clusters) on or off. The SVG2 rule (Euclidean
 k-means on both sides, centroid estimate, top-p) and Sol-Attn (comfy-kitchen, several tau) are measured
-on the same calls. Each family's curve is interpolated to fixed kept fractions, so methods compare at
+on the same calls; AdaSpa (several sparsities) and MOD-DiT (several pattern Top-K) run through the runner
+with their own search / fit schedule on the same steps. Each family's curve is interpolated to fixed kept fractions, so methods compare at
 equal density. No layer runs dense here: the study isolates selection.
 """
 from __future__ import annotations
@@ -30,15 +31,17 @@ from .. import selection
 from ..attention import CallInfo, SparseAttention
 from ..cache import RunCache
 from ..config import SELECTION_RECIPES, SelectionConfig, from_dict
-from .demo import (DenseReference, _kept_pairs_fraction, _progress, add_threads_flag, check_flags, finite_json,
-                   layout_attended, layout_kept_fraction, out_dir_problem, relative_l2, run_sol, set_threads,
-                   sol_attn_function, sol_routing, SOL_BLOCK)
+from .demo import (DenseReference, LayoutRecorder, _kept_pairs_fraction, _progress, adaspa_method, add_threads_flag,
+                   check_flags, finite_json, layout_attended, layout_kept_fraction, moddit_method, out_dir_problem,
+                   relative_l2, run_sol, set_threads, sol_attn_function, sol_routing, SOL_BLOCK)
 from .workload import VideoAttentionWorkload, WorkloadConfig
 
 TARGETS = (0.10, 0.15, 0.20)
 TOP_KS = (2, 4, 8, 16, 32, 64)
 TOP_PS = (0.3, 0.5, 0.7, 0.8, 0.9, 0.95)
 SOL_TAUS = (0.5, 1.0, 1.3, 2.0, 2.5, 3.0, 4.0)
+ADASPA_SPARSITIES = (0.5, 0.7, 0.8, 0.9, 0.95)
+MODDIT_PATTERN_SHARES = (0.03, 0.06, 0.1, 0.2, 0.35)  # share of the 3n - 1 diagonal / column patterns kept
 
 
 @dataclass
@@ -73,6 +76,50 @@ def selection_families() -> list[tuple[str, str, list[tuple[str, SelectionConfig
     families.append(("SVG2 rule (Euclidean both sides)", "svg2",
                      [(f"p={p}", dataclasses.replace(svg2, top_p=p)) for p in TOP_PS]))
     return families
+
+
+def method_families(warmup_steps: int, steps: int, video_tokens: int) -> list[tuple[str, list]]:
+    """(family name, [(setting, RunCache -> SparseMethod)]) of the block methods, swept over their budget."""
+    patterns = 3 * -(-video_tokens // 128) - 1
+    return [
+        ("AdaSpa (64-token blocks, head-adaptive)",
+         [(f"s={s}", adaspa_method(warmup_steps, steps, s)) for s in ADASPA_SPARSITIES]),
+        ("MOD-DiT (fitted patterns + frames)",
+         [(f"K={k}", moddit_method(warmup_steps, video_tokens, k))
+          for k in sorted({max(1, round(share * patterns)) for share in MODDIT_PATTERN_SHARES})]),
+    ]
+
+
+def method_raw(workload: VideoAttentionWorkload, warmup_steps: int, measured: list[int], samples: int,
+               generator: torch.Generator) -> dict:
+    """(family, setting) -> [(kept, rel L2, kept mass)] of AdaSpa and MOD-DiT run through the runner (their own
+    search / fit schedule, aligned with the warm-up) on the measured steps of every layer."""
+    cfg = workload.config
+    n = workload.video_tokens
+    raw: dict = {}
+    for family, settings in method_families(warmup_steps, cfg.steps, n):
+        for setting, build in settings:
+            for layer in range(cfg.layers):
+                cache = RunCache()
+                cache.start_run(cfg.steps)
+                runner = SparseAttention(from_dict({"min_tokens": 0}), cache, observer=LayoutRecorder(),
+                                         method=build(cache))
+                for step in range(max(measured) + 1):
+                    q, k, v = workload.qkv(layer, step)
+                    call = CallInfo(layer, step, cfg.steps, branches=tuple(range(q.shape[0])),
+                                    grid=(cfg.frames, cfg.height, cfg.width))
+                    out = runner(q, k, v, call, dense=lambda: kernels.dense_attention(q, k, v))
+                    layouts = runner.observer.take()
+                    if step not in measured or not layouts:
+                        continue
+                    sample = torch.randperm(n, generator=generator)[:min(samples, n)].sort().values
+                    ref = DenseReference(q, k, v, None, sample)
+                    attended = torch.cat([layout_attended(lay, sample, n) for lay in layouts])
+                    kept = sum(layout_kept_fraction(lay, n) for lay in layouts) / len(layouts)
+                    raw.setdefault((family, setting), []).append(
+                        (kept, relative_l2(out, ref.output()), float((ref.probs * attended).sum(-1).mean())))
+                cache.release()
+    return raw
 
 
 def interpolate(points: list[Point], target: float, attr: str) -> float:
@@ -143,6 +190,7 @@ def run_study(workload: VideoAttentionWorkload, warmup_steps: int, measured: lis
                              float((ref.probs * attended).sum(-1).mean())))
                 bar.update(1)
     bar.close()
+    raw.update(method_raw(workload, warmup_steps, measured, samples, gen))
     points = []
     for (family, setting), rows in raw.items():
         kept, err, mass = (sum(r[i] for r in rows) / len(rows) for i in range(3))

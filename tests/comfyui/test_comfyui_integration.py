@@ -271,7 +271,7 @@ WORKFLOW_NAMES = sorted(p.stem for p in WORKFLOWS.glob("*.json"))
 
 
 def test_every_family_has_a_ui_and_an_api_workflow():
-    assert len(WORKFLOW_NAMES) == 5  # one per family, plus the dense-against-sparse A/B example
+    assert len(WORKFLOW_NAMES) == 7  # AdaCluster per family, the A/B example, AdaSpa (HunyuanVideo), MOD-DiT (Wan 2.1)
     for family in ("wan2.1_t2v_adacluster", "wan2.1_t2v_ab", "wan2.2_a14b", "hunyuan_video", "cogvideox"):
         assert any(name.startswith(family) for name in WORKFLOW_NAMES), family
     for name in WORKFLOW_NAMES:
@@ -287,7 +287,8 @@ def test_workflow_validates_and_ui_converts_to_api(comfy, name):
     info = comfy.object_info()
     assert validate_api(api, info) == []
     assert ui_to_api(ui, info) == {k: {"class_type": v["class_type"], "inputs": v["inputs"]} for k, v in api.items()}
-    nodes = [n for n in api.values() if n["class_type"] == "AdaClusterSparseAttention"]
+    apply_nodes = ("AdaClusterSparseAttention", "AdaSpaSparseAttention", "ModDiTSparseAttention")
+    nodes = [n for n in api.values() if n["class_type"] in apply_nodes]
     assert nodes and all(n["inputs"]["model"] for n in nodes)
 
 
