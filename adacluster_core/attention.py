@@ -127,7 +127,8 @@ class SparseAttention:
         text = self._text_slice(q.shape[-2], call)
         segment = None
         if call.text_len:
-            segment = TextSegment(k[:, :, text], v[:, :, text], None if mask is None else _mask_block(mask, video, text))
+            bias = None if mask is None else _mask_block(mask, video, text)
+            segment = TextSegment(k[:, :, text], v[:, :, text], bias)
         pass_timer = Timer(q.device)
         result = self.method.run_pass(q[:, :, video], k[:, :, video], v[:, :, video], call, segment)
         if result.out is None or return_lse:

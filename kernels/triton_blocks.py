@@ -1,7 +1,9 @@
 """Triton kernels of the block passes (references: reference_blocks.py).
 
 * ``attention_lse``: a dense flash-style forward over the keys plus an optional text segment with an
-  additive bias; writes the output and the natural-log LSE of every query.
+  additive bias; writes the output and the natural-log LSE of every query. Without a text bias it first
+  tries torch's own flash attention, which returns the LSE too (``TORCH_FLASH_LSE``), and falls back to the
+  Triton kernel where that op is missing or refuses the inputs.
 * ``block_statistics``: one program per (query block, batch x head); it walks the key blocks, recomputes
   the probabilities exp(q.k * scale - lse) one key chunk at a time in registers and writes the block's
   mass and the fraction below the threshold. Blocks not asked for are skipped (written NaN).
@@ -24,6 +26,7 @@ from .reference import additive_mask
 LOG2E = 1.4426950408889634
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 SUPPORTED_HEAD_DIMS = (16, 32, 64, 128)
+TORCH_FLASH_LSE = True  # try torch's flash attention (it returns the LSE) before the Triton kernel
 
 
 @triton.jit
@@ -149,11 +152,37 @@ def _interpreted() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
+def _torch_flash_lse(q, k, v, scale: float):
+    """torch's flash attention forward, which also returns the natural-log LSE; None where it cannot run."""
+    op = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention", None)
+    if op is None or q.dtype not in (torch.float16, torch.bfloat16):
+        return None
+    try:
+        result = op(q, k, v, 0.0, False, False, scale=scale)
+    except (RuntimeError, TypeError):
+        return None
+    out, lse = result[0], result[1]
+    if out.shape != q.shape or lse.dim() != 3 or lse.shape[-1] < q.shape[-2]:
+        return None
+    return out, lse[..., :q.shape[-2]].float()
+
+
 def attention_lse(q, k, v, text_k=None, text_v=None, text_bias=None, scale=None):
     if not (_supported(q) or _interpreted()) or q.shape[-1] not in SUPPORTED_HEAD_DIMS:
         return reference_blocks.attention_lse(q, k, v, text_k, text_v, text_bias, scale)
     if (text_k is None) != (text_v is None):
         raise ValueError("text_k and text_v must be given together")
+    if TORCH_FLASH_LSE and q.is_cuda and text_bias is None:
+        keys, values = (k, v) if text_k is None else (torch.cat([k, text_k.to(k.dtype)], -2),
+                                                      torch.cat([v, text_v.to(v.dtype)], -2))
+        fast = _torch_flash_lse(q, keys, values, 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale))
+        if fast is not None:
+            return fast
+    return triton_attention_lse(q, k, v, text_k, text_v, text_bias, scale)
+
+
+def triton_attention_lse(q, k, v, text_k=None, text_v=None, text_bias=None, scale=None):
+    """The Triton kernel of attention_lse (same arguments and results)."""
     if k.shape != v.shape or k.shape[:2] != q.shape[:2] or k.shape[-1] != q.shape[-1]:
         raise ValueError(f"q, k, v must be (B, H, N, d) with one B, H, d; got {tuple(q.shape)}, {tuple(k.shape)}, "
                          f"{tuple(v.shape)}")

@@ -10,7 +10,7 @@ pytest.importorskip("triton")
 from block_cases import case  # noqa: E402
 from comfyui_adacluster import kernels  # noqa: E402
 from comfyui_adacluster.kernels import reference_blocks as RB  # noqa: E402
-from comfyui_adacluster.kernels import triton_ops  # noqa: E402
+from comfyui_adacluster.kernels import triton_blocks, triton_ops  # noqa: E402
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
@@ -20,11 +20,19 @@ def test_attention_lse_matches_reference(dtype, n, d, n_text):
                                          device="cuda", dtype=dtype)
     extra = (text_k, text_v, bias) if n_text else ()
     assert kernels.backend_for(q) is triton_ops
-    out, lse = kernels.attention_lse(q, k, v, *extra)
     want_out, want_lse = RB.attention_lse(q, k, v, *extra)
     tol = 2e-2 if dtype == torch.bfloat16 else 5e-3
-    torch.testing.assert_close(out.float(), want_out.float(), atol=tol, rtol=tol)
-    torch.testing.assert_close(lse, want_lse, atol=1e-2, rtol=1e-3)
+    # the dispatch (torch's flash attention where it runs) and the Triton kernel itself
+    for out, lse in (kernels.attention_lse(q, k, v, *extra), triton_blocks.triton_attention_lse(q, k, v, *extra)):
+        torch.testing.assert_close(out.float(), want_out.float(), atol=tol, rtol=tol)
+        torch.testing.assert_close(lse, want_lse, atol=1e-2, rtol=1e-3)
+    if n_text:  # without the padding bias the dispatch takes the torch path with the text keys appended
+        plain = (text_k, text_v)
+        want_out, want_lse = RB.attention_lse(q, k, v, *plain)
+        out, lse = kernels.attention_lse(q, k, v, *plain)
+        torch.testing.assert_close(out.float(), want_out.float(), atol=tol, rtol=tol)
+        torch.testing.assert_close(lse, want_lse, atol=1e-2, rtol=1e-3)
+    out, lse = kernels.attention_lse(q, k, v, *extra)
     dense = kernels.dense_attention(q, k, v) if not n_text else None
     if dense is not None:
         torch.testing.assert_close(out.float(), dense.float(), atol=tol, rtol=tol)

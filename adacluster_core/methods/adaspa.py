@@ -41,11 +41,13 @@ class AdaSpaConfig:
     recall_threshold: float = 0.8
 
     def validate(self) -> "AdaSpaConfig":
-        if not isinstance(self.sparsity, (int, float)) or isinstance(self.sparsity, bool) or not 0.0 <= self.sparsity < 1.0:
+        number = isinstance(self.sparsity, (int, float)) and not isinstance(self.sparsity, bool)
+        if not number or not 0.0 <= self.sparsity < 1.0:
             raise ConfigError(f"sparsity = {self.sparsity!r} is out of range: expected a number in [0, 1)")
         if isinstance(self.block, bool) or not isinstance(self.block, int) or not 16 <= self.block <= 1024:
             raise ConfigError(f"block = {self.block!r} is out of range: expected an integer in [16, 1024]")
-        if isinstance(self.reference_steps, bool) or not isinstance(self.reference_steps, int) or self.reference_steps < 1:
+        steps_ok = isinstance(self.reference_steps, int) and not isinstance(self.reference_steps, bool)
+        if not steps_ok or self.reference_steps < 1:
             raise ConfigError(f"reference_steps = {self.reference_steps!r} is out of range: expected an integer >= 1")
         steps = tuple(self.search_steps)
         if not steps or any(isinstance(s, bool) or not isinstance(s, int) or not 0 <= s < self.reference_steps
@@ -68,7 +70,8 @@ def parse_search_steps(text: str) -> tuple:
     try:
         steps = tuple(int(part) for part in str(text).replace(";", ",").split(",") if part.strip())
     except ValueError:
-        raise ConfigError(f"search steps = {text!r}: expected whole numbers separated by commas, e.g. '10, 30'") from None
+        raise ConfigError(f"search steps = {text!r}: expected whole numbers separated by commas, "
+                          "e.g. '10, 30'") from None
     if not steps:
         raise ConfigError(f"search steps = {text!r}: give at least one step, e.g. '10, 30'")
     return steps

@@ -117,7 +117,7 @@ class Bases:
         """M^T vec(S) for maps s (..., n, n): diagonal sums, column sums, frame-square sums (fp64)."""
         n = self.n
         s = s.double()
-        index = (torch.arange(n, device=s.device).view(1, n) - torch.arange(n, device=s.device).view(n, 1)) + n - 1
+        index = _diagonal_index(n, s.device)
         diag = torch.zeros(*s.shape[:-2], 2 * n - 1, dtype=torch.float64, device=s.device)
         diag.scatter_add_(-1, index.reshape(-1).expand(*s.shape[:-2], n * n), s.reshape(*s.shape[:-2], n * n))
         parts = [diag, s.sum(-2)]
@@ -130,7 +130,7 @@ class Bases:
         """S_hat (..., n, n) = sum of every basis times its intensity, theta (..., P)."""
         n = self.n
         nd = 2 * n - 1
-        index = (torch.arange(n, device=theta.device).view(1, n) - torch.arange(n, device=theta.device).view(n, 1)) + n - 1
+        index = _diagonal_index(n, theta.device)
         s = theta[..., index] + theta[..., nd:nd + n].unsqueeze(-2)
         if self.frames:
             f = self.frame_of_block
@@ -141,14 +141,19 @@ class Bases:
     def pattern_cells(self, diagonals: torch.Tensor, columns: torch.Tensor, squares: torch.Tensor) -> torch.Tensor:
         """(..., n, n) bool: the union of the chosen diagonals (..., 2n-1), columns (..., n), squares (..., T)."""
         n = self.n
-        index = (torch.arange(n, device=diagonals.device).view(1, n)
-                 - torch.arange(n, device=diagonals.device).view(n, 1)) + n - 1
+        index = _diagonal_index(n, diagonals.device)
         cells = diagonals[..., index] | columns.unsqueeze(-2)
         if self.frames:
             f = self.frame_of_block
             same = f.view(n, 1) == f.view(1, n)
             cells = cells | (squares[..., f].unsqueeze(-1) & same)
         return cells
+
+
+def _diagonal_index(n: int, device) -> torch.Tensor:
+    """(n, n) int64: the diagonal basis of every block (i, j), j - i + n - 1."""
+    positions = torch.arange(n, device=device)
+    return positions.view(1, n) - positions.view(n, 1) + n - 1
 
 
 def bases_for(n_blocks: int, block: int, tokens: int, frame_tokens: int, device=None) -> Bases:

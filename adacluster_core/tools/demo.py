@@ -82,14 +82,15 @@ def adaspa_method(warmup_steps: int, steps: int, sparsity: float = 0.8) -> Calla
 
 
 def moddit_method(warmup_steps: int, video_tokens: int, top_k: Optional[int] = None) -> Callable:
-    """MOD-DiT with the warm-up of the other methods (fits on its last two steps). Top-K defaults to Wan's share
-    of patterns (350 of the 767 patterns of Wan 480p's 128-token blocks), scaled to this grid."""
-    from ..methods.moddit import FAMILY_TOP_K, ModDiT, ModDiTConfig
+    """MOD-DiT with the warm-up of the other methods (fits on its last two steps). Top-K defaults to a quarter of
+    the grid's block count: a pattern covers at most n of the n x n blocks, so that keeps at most a quarter of
+    the pairs, near the other methods' budgets (the released per-family values, e.g. Wan's 350, are for full
+    resolution grids; on a small grid they keep nearly everything)."""
+    from ..methods.moddit import ModDiT, ModDiTConfig
 
     n_blocks = -(-video_tokens // 128)
-    if top_k is None:
-        top_k = max(1, round(FAMILY_TOP_K["wan"] * (3 * n_blocks - 1) / (3 * 256 - 1)))
-    config = ModDiTConfig(top_k=top_k, warmup_steps=max(1, warmup_steps))
+    config = ModDiTConfig(top_k=top_k if top_k is not None else max(1, round(n_blocks / 4)),
+                          warmup_steps=max(1, warmup_steps))
     return lambda cache: ModDiT(config, cache)
 
 
@@ -108,7 +109,7 @@ def default_methods(warmup_steps: int, sol_tau: float = 1.0, head_dim: int = 128
                adaspa_method(warmup_steps, steps), note="64-token blocks, Top-k by searched mass, head-adaptive",
                short="adaspa"),
         Method("mod-dit", "runner", runner_config(None, "moddit", warmup_steps=warmup_steps),
-               moddit_method(warmup_steps, video_tokens), note="fitted diagonal/vertical/frame patterns, 128 blocks",
+               moddit_method(warmup_steps, video_tokens), note="fitted diagonal/vertical/frame patterns, Top-K n/4",
                short="moddit"),
     ]
     if sol_attn_function() is None:

@@ -10,8 +10,8 @@ centroid estimate, blend) x count (Top-K at several K, cumulative mass at severa
 tail and the locality guard (own 64-token block + own key clusters) on or off. The SVG2 rule (Euclidean
 k-means on both sides, centroid estimate, top-p) and Sol-Attn (comfy-kitchen, several tau) are measured
 on the same calls; AdaSpa (several sparsities) and MOD-DiT (several pattern Top-K) run through the runner
-with their own search / fit schedule on the same steps. Each family's curve is interpolated to fixed kept fractions, so methods compare at
-equal density. No layer runs dense here: the study isolates selection.
+with their own search / fit schedule on the same steps. Each family's curve is interpolated to fixed kept
+fractions, so methods compare at equal density. No layer runs dense here: the study isolates selection.
 """
 from __future__ import annotations
 
