@@ -223,7 +223,7 @@ def test_cli_errors_name_the_problem(comfy, vae, tmp_path, case):
         profiles = comfy.base / "models" / "adacluster_profiles"
         profiles.mkdir(parents=True, exist_ok=True)
         (profiles / "broken.safetensors").write_bytes(b"not a safetensors file")
-        graph = t2v_workflow(profile="broken")
+        graph = t2v_workflow(profile="broken.safetensors")  # listed, so it passes validation
         expected = "the sparse run failed in node 5 (AdaClusterSparseAttention)"
     else:
         graph, expected = t2v_workflow(), "cannot reach ComfyUI at"
