@@ -104,7 +104,7 @@ def selection_part(workload, shape: VideoShape, calibration_steps: tuple, log) -
         log(json.dumps([{"calibrated_at_step": w - 1, "setting": name, "noise": noise,
                          "kept": statistics.fmean(r[0] for r in values), "rel_l2": statistics.fmean(r[1] for r in values)}
                         for (w, name, noise), values in rows.items() if w == warmup]))
-    return [{"calibrated_at_step": w, "setting": name, "noise": noise, "step": measured[noise],
+    return [{"calibrated_at_step": w - 1, "setting": name, "noise": noise, "step": measured[noise],
              "kept": statistics.fmean(r[0] for r in values), "rel_l2": statistics.fmean(r[1] for r in values)}
             for (w, name, noise), values in rows.items()]
 
@@ -164,7 +164,7 @@ def format_tables(selection_rows: list, schedule_rows: list) -> str:
         vals = [cells[n] for n in NOISE_POINTS if n in cells]
         mean_kept = statistics.fmean(c["kept"] for c in vals)
         mean_err = statistics.fmean(c["rel_l2"] for c in vals)
-        lines.append(f"| step {w - 1} | {name} | " + " | ".join(
+        lines.append(f"| step {w} | {name} | " + " | ".join(
             f"{100 * cells[n]['kept']:.1f}% / {cells[n]['rel_l2']:.4f}" if n in cells else "-" for n in NOISE_POINTS)
             + f" | {100 * mean_kept:.1f}% / {mean_err:.4f} |")
     lines.append("")
@@ -206,6 +206,8 @@ def main(argv=None) -> int:
         parser.error(f"--steps must be in [10, 200], got {args.steps}")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         parser.error(f"--device {args.device}: no CUDA GPU is available")
+    if any(not 0 <= step < args.steps - 1 for step in args.calibrate_at):
+        parser.error(f"--calibrate-at steps must be in [0, {args.steps - 2}], got {args.calibrate_at}")
     if args.threads < 1:
         parser.error(f"--threads must be at least 1, got {args.threads}")
     set_threads(args.threads)
@@ -213,8 +215,6 @@ def main(argv=None) -> int:
     log = lambda text: print(text, file=sys.stderr, flush=True)  # noqa: E731
     workload = _workload(shape, args.layers, args.steps, args.seed, args.device)
     log(f"workload: {workload.describe()}")
-    if any(not 0 <= step < args.steps - 1 for step in args.calibrate_at):
-        parser.error(f"--calibrate-at steps must be in [0, {args.steps - 2}], got {args.calibrate_at}")
     selection_rows, schedule_rows = [], []
 
     def write():  # after each part, so a cut-short run keeps what it measured
