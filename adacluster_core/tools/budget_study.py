@@ -49,17 +49,17 @@ def selection_settings() -> dict:
 
 def schedule_variants(preset: str) -> dict:
     """Name -> config overrides of whole-run variants (on top of the family preset)."""
-    before = {"count": "topk", "top_k": 16, "head_budget_error": 0.0}
     return {
         "preset as shipped": {},
-        "before: warm-up 10, top-k 16, dense 15% by clusters": {"warmup_steps": 10, "dense_layers_by": "clusters",
-                                                                "selection": before},
-        "warm-up 10, head budget, dense by error": {"warmup_steps": 10},
-        "warm-up 3, head budget, dense by error": {"warmup_steps": 3},
-        "warm-up 5, head budget, dense by error": {"warmup_steps": 5},
-        "warm-up 3, head budget, no dense layers": {"warmup_steps": 3, "dense_layer_fraction": 0.0},
-        "warm-up 3, head budget, dense 15% by clusters": {"warmup_steps": 3, "dense_layers_by": "clusters"},
-        "warm-up 3, top-k 16 for every head, dense by error": {"warmup_steps": 3, "selection": before},
+        "warm-up 3, no dense layers, Top-K 16": {"warmup_steps": 3, "dense_layer_fraction": 0.0},
+        "warm-up 3, no dense layers, Top-K 8": {"warmup_steps": 3, "dense_layer_fraction": 0.0,
+                                                 "selection": {"top_k": 8}},
+        "warm-up 3, no dense layers, per-head budget 0.05": {"warmup_steps": 3, "dense_layer_fraction": 0.0,
+                                                             "selection": {"head_budget_error": 0.05}},
+        "warm-up 3, dense by error": {"warmup_steps": 3},
+        "warm-up 3, dense 15% by clusters": {"warmup_steps": 3, "dense_layers_by": "clusters"},
+        "warm-up 5, dense by error": {"warmup_steps": 5},
+        "warm-up 10, dense 15% by clusters (as published)": {"warmup_steps": 10, "dense_layers_by": "clusters"},
     }
 
 
