@@ -9,6 +9,7 @@ from typing import Any, Optional
 import torch
 
 from ..adacluster_core.config import ConfigError
+from ..adacluster_core.jsonable import finite_json
 from . import profile_folder
 from .widgets import PRESET_AUTO, WIDGETS, config_from_widgets
 
@@ -84,7 +85,7 @@ def report_outputs(model, save_profile: str = "") -> tuple:
         footer += "\n" + _save_calibration(patch.cache.last_calibration, save_profile)
     text = f"{patch.label} ({patch.family.display})\n{report.to_text()}\n{footer}"
     image = _report_image(report, patch.label)
-    return text, image, {"patched": True, "report": _jsonable(report.to_dict()), "status": status}
+    return text, image, {"patched": True, "report": finite_json(report.to_dict()), "status": status}
 
 
 def _save_calibration(calibration, name: str) -> str:
@@ -125,17 +126,6 @@ def pil_to_image_tensor(image) -> torch.Tensor:
     return data.view(image.height, image.width, 3).to(torch.float32).div(255.0).unsqueeze(0)
 
 
-def _jsonable(value):
-    """Plain JSON values: NaN becomes None, unknown objects their text."""
-    if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, float):
-        return None if value != value else value
-    if value is None or isinstance(value, (bool, int, str)):
-        return value
-    return str(value)
 
 
 WIDGET_NAMES = tuple(w.name for w in WIDGETS)

@@ -34,6 +34,7 @@ import torch
 from ... import kernels
 from ..attention import CallInfo, SparseAttention
 from ..cache import RunCache
+from ..jsonable import finite_json
 from ..config import DEFAULT_RECIPE, AdaClusterConfig, from_dict
 from .workload import VideoAttentionWorkload, WorkloadConfig
 
@@ -477,20 +478,6 @@ def write_outputs(results: dict, workload: VideoAttentionWorkload, out_dir: Path
     return json_path, png_path
 
 
-def finite_json(value):
-    """``value`` as strict JSON data: NaN and infinities become null (bare NaN is not JSON), tensors lists,
-    paths and other objects their text."""
-    if isinstance(value, dict):
-        return {str(k): finite_json(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [finite_json(v) for v in value]
-    if isinstance(value, torch.Tensor):
-        return finite_json(value.tolist())
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if value is None or isinstance(value, (bool, int, str)):
-        return value
-    return str(value)
 
 
 # ---------------------------------------------------------------------------------------------- main

@@ -49,6 +49,8 @@ from typing import Callable, Optional
 
 import torch
 
+from ..jsonable import finite_json
+
 PACK_ROOT = Path(__file__).resolve().parents[2]
 WAN_TEXT_TOKENS = 512
 HUNYUAN_TEXT_TOKENS = 256
@@ -286,7 +288,7 @@ def load_model(spec: ModelSpec, device: torch.device, dtype: torch.dtype, seed: 
         raise BenchError(f"ComfyUI's model detection did not recognise the {spec.name} state dict")
     unet_config = dict(getattr(model.model.model_config, "unet_config", {}) or {})
     return model, {"parameters": params, "model_class": type(model.model.diffusion_model).__name__,
-                   "patcher_class": type(model).__name__, "detected_config": _jsonable(unet_config)}
+                   "patcher_class": type(model).__name__, "detected_config": finite_json(unet_config)}
 
 
 def conditioning(spec: ModelSpec, seed: int):
@@ -937,16 +939,6 @@ def render_steps(rows: list):
     return image
 
 
-def _jsonable(value):
-    if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, float):
-        return None if not math.isfinite(value) else value
-    if value is None or isinstance(value, (bool, int, str)):
-        return value
-    return str(value)
 
 
 class _Progress:
@@ -1066,7 +1058,7 @@ def _main(args) -> int:
             result = {**header, "vram_checks": checks}
             print("\n".join(format_vram(c) for c in checks))
             path = out_dir / f"vram_check-{stamp}.json"
-            path.write_text(json.dumps(_jsonable(result), indent=1))
+            path.write_text(json.dumps(finite_json(result), indent=1))
             print(f"wrote {path}")
             return 0 if all(c["passed"] for c in checks) else 1
         rows = [benchmark_case(n, c, args, device, dtype, progress) for n, c in cases]
@@ -1084,7 +1076,7 @@ def _main(args) -> int:
     for note in result["notes"]:
         print(f"note: {note}")
     path = out_dir / f"model_bench-{stamp}.json"
-    path.write_text(json.dumps(_jsonable(result), indent=1))
+    path.write_text(json.dumps(finite_json(result), indent=1))
     png = out_dir / f"model_bench-{stamp}.png"
     render_steps(rows).save(png)
     print(f"wrote {path} and {png}")

@@ -32,8 +32,9 @@ from ..attention import CallInfo, SparseAttention
 from ..cache import RunCache
 from ..config import SELECTION_RECIPES, SelectionConfig, from_dict
 from .demo import (DenseReference, LayoutRecorder, _kept_pairs_fraction, _progress, adaspa_method, add_threads_flag,
-                   check_flags, finite_json, layout_attended, layout_kept_fraction, moddit_method, out_dir_problem,
+                   check_flags, layout_attended, layout_kept_fraction, moddit_method, out_dir_problem,
                    relative_l2, run_sol, set_threads, sol_attn_function, sol_routing, SOL_BLOCK)
+from ..jsonable import finite_json
 from .workload import VideoAttentionWorkload, WorkloadConfig
 
 TARGETS = (0.10, 0.15, 0.20)

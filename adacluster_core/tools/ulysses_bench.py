@@ -52,24 +52,9 @@ def clustered_inputs(heads, tokens, dim, device, dtype, seed, groups=64):
 
 
 def timed(fn, device, runs):
-    """Median ms of fn() over ``runs`` runs after one warm-up (CUDA events, or wall clock on the CPU)."""
-    fn()
-    times = []
-    for _ in range(runs):
-        if device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            dist.barrier()
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end))
-        else:
-            dist.barrier()
-            begin = time.perf_counter()
-            fn()
-            times.append(1000 * (time.perf_counter() - begin))
-    return statistics.median(times)
+    """Median ms of fn() over ``runs`` runs after one warm-up, every rank starting together (a barrier
+    before each run)."""
+    return _median_ms(fn, device, runs, before=dist.barrier)
 
 
 def bench_shape(name, args, rank, world, device):
@@ -234,11 +219,14 @@ def _time_single(runner, cache, q4, k4, v4, calls, device, runs):
     return ms
 
 
-def _median_ms(fn, device, runs):
-    """Median ms of fn() on this rank alone (no barrier), after one warm-up."""
+def _median_ms(fn, device, runs, before=None):
+    """Median ms of fn() after one warm-up (CUDA events, or wall clock on the CPU); ``before()``, if given,
+    runs ahead of each timed run (timed runs of this rank alone by default)."""
     fn()
     times = []
     for _ in range(runs):
+        if before is not None:
+            before()
         if device.type == "cuda":
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
