@@ -80,9 +80,14 @@ WIDGETS: tuple = (
            "the last of them calibrates the clusters. -1 uses the preset (Wan 10, HunyuanVideo 6, CogVideoX 10). "
            "Counted from the sigma schedule, so two-evaluation samplers (heun, dpm 2S) count right.",
            "warm-up steps", WARMUP_FROM_PRESET, 10000, 1, config_key="warmup_steps"),
-    Widget("dense_layer_fraction", "FLOAT", 0.15, "Share of layers that stay dense: after calibration the layers "
-           "whose keys need the most clusters (plus any layer that is hard to compress) run full attention.",
+    Widget("dense_layer_fraction", "FLOAT", 0.15, "The most layers that stay dense, as a share of all layers: after "
+           "calibration the layers chosen by 'dense layers by' (plus any layer that is hard to compress) run full "
+           "attention.",
            "dense-layer fraction", 0.0, 1.0, 0.01, config_key="dense_layer_fraction"),
+    Widget("dense_layers_by", "COMBO", "error", "Which layers use the dense-layer share. 'error': the calibration "
+           "step measures every layer's sparse output against dense; of the layers that err most, those above 0.1 "
+           "relative error run dense. 'clusters': the layers whose keys need the most clusters, as published.",
+           "dense layers by", options=("error", "clusters"), advanced=True, config_key="dense_layers_by"),
     Widget("selection", "COMBO", "hybrid", "How key clusters are chosen per query cluster. 'hybrid' (lowest error "
            "per kept token in our measurements): Top-K by the size-weighted centroid estimate, plus each query's own "
            "64-token neighbourhood, the clusters holding the query cluster's own tokens, and a pooled tail for "

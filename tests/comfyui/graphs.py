@@ -13,7 +13,8 @@ VIDEO = {"width": 144, "height": 112, "length": 61, "batch_size": 1}
 # Small clusterings so sparse attention runs on a tiny model and a short sequence.
 TINY_SETTINGS = {
     "preset": "auto", "sparsity_threshold": 1.5, "query_clusters": 8, "initial_top_k": 8, "top_k_clusters": 4,
-    "warmup_steps": 1, "dense_layer_fraction": 0.34, "selection": "hybrid", "min_tokens": 256, "verbose": True,
+    "warmup_steps": 1, "dense_layer_fraction": 0.34, "dense_layers_by": "clusters", "selection": "hybrid",
+    "min_tokens": 256, "verbose": True,
     "calibration_profile": "",
 }
 # Every key cluster selected: 'paper' keeps the Top-K clusters and a layer never has more than

@@ -14,7 +14,7 @@ from workflow_convert import ui_to_api, validate_api
 pytestmark = pytest.mark.comfyui
 
 WIDGETS = ("preset", "sparsity_threshold", "query_clusters", "initial_top_k", "top_k_clusters", "warmup_steps",
-           "dense_layer_fraction", "selection", "min_tokens", "verbose", "calibration_profile")
+           "dense_layer_fraction", "dense_layers_by", "selection", "min_tokens", "verbose", "calibration_profile")
 
 
 def _node_inputs(info: dict) -> dict:
