@@ -63,9 +63,10 @@ def test_every_widget_value_in_range_is_accepted_whatever_the_other_widgets():
 def test_every_combo_lists_its_default_first():
     tables = list(widgets.WIDGETS) + list(widgets.REPORT_WIDGETS)
     combos = [w for w in tables if w.kind == "COMBO"]
-    assert {w.name for w in combos} == {"preset", "selection", "calibration_profile"}
+    assert {w.name for w in combos} == {"preset", "dense_layers_by", "selection", "calibration_profile"}
     for w in combos:
         assert w.option_list()[0] == w.default, w.name
+    assert widgets.WIDGETS_BY_NAME["dense_layers_by"].option_list() == ["error", "clusters"]
     assert widgets.WIDGETS_BY_NAME["selection"].option_list() == ["hybrid", "paper", "svg2"]
     with pytest.raises(ValueError, match="must be the first option"):
         widgets.Widget("x", "COMBO", "b", "tip", "x", options=("a", "b"))
