@@ -18,7 +18,7 @@ import torch
 
 from .memory import persistent_copy, store
 
-_STATE_TENSORS = ("q_centroids", "k_centroids", "k_counts", "hard")
+_STATE_TENSORS = ("q_centroids", "k_centroids", "k_counts", "hard", "calibration_error", "head_top_k")
 
 
 @dataclass
@@ -42,7 +42,7 @@ class BranchState:
         object.__setattr__(self, name, value)
 
     def tensors(self):
-        return (self.q_centroids, self.k_centroids, self.k_counts, self.hard)
+        return tuple(t for t in (getattr(self, name) for name in _STATE_TENSORS) if t is not None)
 
 
 @dataclass

@@ -54,7 +54,8 @@ class AdaCluster(SparseMethod):
 
     def probe(self, q, k, call, reference, execute) -> None:
         """At calibration: each head's Top-K (the smallest candidate whose output is within
-        selection.head_budget_error of dense, else the largest), and the layer's error with those budgets, for the dense-layer choice."""
+        selection.head_budget_error of dense, else the largest), and the layer's error with those budgets,
+        which ranks the dense layers."""
         qc, kc = self.cluster(q, k, call)
         candidates = self.budget_candidates() or (self.config.selection.top_k,)
         ref = reference.float()
