@@ -65,14 +65,13 @@ def dense_with_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: Opt
     """Exact attention with its per-row log-sum-exp for (B, H, N, d): (out in q's dtype, lse fp32 (B, H, N)).
 
     flash-attn (which returns the LSE) for fp16 / bf16 CUDA tensors when it is installed; otherwise the
-    kernels' reference pass, chunked over query rows so that N x N is never held at once (fp32, slow on
-    large GPU calls)."""
+    kernels' dense pass with LSE (Triton on CUDA, the chunked reference elsewhere; never N x N at once)."""
     if _flash_attn_func is not None and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) \
             and q.shape[-1] <= 256:
         out, lse, _ = _flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
                                        softmax_scale=scale, return_attn_probs=True)
         return out.transpose(1, 2), lse.float()
-    return kernels.reference.dense_attention(q, k, v, scale=scale)
+    return kernels.attention_lse(q, k, v, scale=scale)
 
 
 def _collective_device(group) -> torch.device:
