@@ -162,7 +162,7 @@ class SparseAttention:
         return out
 
     def _execute(self, q, k, v, call, video, mask, layout, return_lse=False):
-        """Runs a plan: video queries through the layout (plus the text sink), text queries densely.
+        """Runs a layout: video queries through it (plus the text sink), text queries densely.
         With ``return_lse``: (out, lse (B, H, N) fp32)."""
         text = self._text_slice(q.shape[-2], call)
         qv, kv, vv = q[:, :, video], k[:, :, video], v[:, :, video]

@@ -210,24 +210,26 @@ class RunCache:
         """layer -> (mean key cluster count over heads and branches, any head hard).
 
         Branches may live on different devices (ComfyUI's MultiGPU CFG Split runs cond and uncond on
-        different GPUs, in threads): each state is reduced on its device and read back, and the states are
-        read from a snapshot of the dict."""
-        per_layer = defaultdict(list)
-        for (layer, _), state in list(self.states.items()):
-            if isinstance(state, BranchState):  # clustering state (other methods keep their own kinds)
-                per_layer[layer].append(state)
+        different GPUs, in threads): each state is reduced on its device and read back."""
         return {layer: (float(torch.stack([s.k_counts.float().mean().cpu() for s in states]).mean()),
                         bool(torch.stack([s.hard.any().cpu() for s in states]).any()))
-                for layer, states in per_layer.items()}
+                for layer, states in self._clustering_states().items()}
 
     def calibration_errors(self) -> dict:
         """layer -> largest relative error of the sparse output measured at calibration over its branches,
         for the layers where it was measured."""
+        errors = {layer: [s.calibration_error.cpu() for s in states if s.calibration_error is not None]
+                  for layer, states in self._clustering_states().items()}
+        return {layer: float(torch.stack(e).max()) for layer, e in errors.items() if e}
+
+    def _clustering_states(self) -> dict:
+        """layer -> its branches' clustering states (other methods keep their own kinds of state), read from
+        a snapshot of the dict (threads of CFG Split may add states meanwhile)."""
         per_layer = defaultdict(list)
         for (layer, _), state in list(self.states.items()):
-            if isinstance(state, BranchState) and state.calibration_error is not None:
-                per_layer[layer].append(state.calibration_error.cpu())
-        return {layer: float(torch.stack(errors).max()) for layer, errors in per_layer.items()}
+            if isinstance(state, BranchState):
+                per_layer[layer].append(state)
+        return per_layer
 
     def record(self, rec: CallRecord) -> None:
         """Keeps a call's statistics until the report (their tensors copied outside any allocation graph)."""

@@ -7,7 +7,6 @@ builds the layouts differs. Unsupported models pass through unchanged with one l
 from __future__ import annotations
 
 import logging
-import math
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
@@ -15,7 +14,7 @@ from ..adacluster_core.config import ConfigError, from_dict
 from ..adacluster_core.methods.adaspa import AdaSpa, AdaSpaConfig, parse_search_steps
 from ..adacluster_core.methods.moddit import FAMILY_TOP_K, ModDiT, ModDiTConfig
 from .common import CATEGORY
-from .widgets import Widget
+from .widgets import Widget, check_value, check_widget_values
 
 log = logging.getLogger(__name__)
 
@@ -72,32 +71,8 @@ class MethodNode:
     build: Callable[[str, dict], Callable]  # (family, widget values) -> RunCache -> SparseMethod; ConfigError
 
 
-def _check(widgets: tuple, values: dict) -> None:
-    """ConfigError naming the first unknown widget or bad value and its allowed range."""
-    names = {w.name: w for w in widgets}
-    for name, value in values.items():
-        if name not in names:
-            raise ConfigError(f"unknown widget {name!r}")
-        message = check_value(names[name], value)
-        if message:
-            raise ConfigError(message)
-
-
-def check_value(w: Widget, value) -> Optional[str]:
-    """An error naming the value and the allowed range, or None."""
-    if w.kind == "BOOLEAN":
-        return None if isinstance(value, bool) else f"{w.name} must be true or false, got {value!r}"
-    if w.kind == "STRING":
-        return None if isinstance(value, str) else f"{w.name} must be text, got {value!r}"
-    is_number = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-    kind = "an integer" if w.kind == "INT" else "a number"
-    if not is_number or (w.kind == "INT" and not float(value).is_integer()) or not w.minimum <= value <= w.maximum:
-        return f"{w.name} = {value!r} is out of range: expected {kind} in [{w.minimum}, {w.maximum}]"
-    return None
-
-
 def adaspa_config(values: dict) -> AdaSpaConfig:
-    _check(ADASPA_WIDGETS, values)
+    check_widget_values(ADASPA_WIDGETS, values)
     defaults = AdaSpaConfig()
     steps = parse_search_steps(values.get("search_steps", "10, 30"))
     return AdaSpaConfig(sparsity=float(values.get("sparsity", defaults.sparsity)), search_steps=steps,
@@ -106,7 +81,7 @@ def adaspa_config(values: dict) -> AdaSpaConfig:
 
 
 def moddit_config(family: str, values: dict) -> ModDiTConfig:
-    _check(MODDIT_WIDGETS, values)
+    check_widget_values(MODDIT_WIDGETS, values)
     defaults = ModDiTConfig()
     top_k = int(values.get("pattern_top_k", TOP_K_FROM_FAMILY)) or FAMILY_TOP_K.get(family, defaults.top_k)
     return ModDiTConfig(top_k=top_k, warmup_steps=int(values.get("warmup_steps", defaults.warmup_steps)),

@@ -170,14 +170,20 @@ def check_value(w: Widget, value: Any) -> Optional[str]:
     return None
 
 
-def config_from_widgets(family: str, **values: Any) -> AdaClusterConfig:
-    """The preset of ``family`` with the widget values applied; ConfigError names any bad widget value."""
+def check_widget_values(widgets: tuple, values: dict) -> None:
+    """ConfigError naming the first unknown widget or bad value and its allowed range."""
+    by_name = {w.name: w for w in widgets}
     for name, value in values.items():
-        if name not in WIDGETS_BY_NAME:
+        if name not in by_name:
             raise ConfigError(f"unknown widget {name!r}")
-        message = check_value(WIDGETS_BY_NAME[name], value)
+        message = check_value(by_name[name], value)
         if message:
             raise ConfigError(message)
+
+
+def config_from_widgets(family: str, **values: Any) -> AdaClusterConfig:
+    """The preset of ``family`` with the widget values applied; ConfigError names any bad widget value."""
+    check_widget_values(WIDGETS, values)
     overrides = {}
     for name, value in values.items():
         key = WIDGETS_BY_NAME[name].config_key
