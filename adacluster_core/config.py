@@ -57,9 +57,26 @@ class SelectionConfig:
     # follows how concentrated the head's attention is; 0 (default): the same top_k for every head. Measured
     # on the main command's workload it lands on the fixed Top-K curve (no fewer keys at equal error; README).
     head_budget_error: float = 0.0
+    # Budget schedule over the sampler steps: attention is more spread out at high noise, so the Top-K is
+    # scaled by high_noise_top_k_scale on the first noise_phase_fraction of the steps and by
+    # low_noise_top_k_scale on the last noise_phase_fraction (1 and 1: the same Top-K on every step).
+    # Three times the Top-K on the first quarter lets sparse steps start at step 3 of 50 with no higher error
+    # at high, middle or low noise than 10 dense warm-up steps (README, "Budget and schedule").
+    high_noise_top_k_scale: float = 3.0
+    low_noise_top_k_scale: float = 1.0
+    noise_phase_fraction: float = 0.25
 
     def __post_init__(self):
         self.validate()
+
+    def top_k_scale(self, step: int, total_steps: int) -> float:
+        """The budget schedule's Top-K multiplier at a sampler step (0-based) of a run of total_steps."""
+        progress = step / max(1, total_steps)
+        if progress < self.noise_phase_fraction:
+            return self.high_noise_top_k_scale
+        if progress >= 1.0 - self.noise_phase_fraction:
+            return self.low_noise_top_k_scale
+        return 1.0
 
     def validate(self) -> "SelectionConfig":
         _choice("selection.score", self.score, ("quest", "centroid", "blend"))
@@ -71,6 +88,9 @@ class SelectionConfig:
         _float_range("selection.min_kept_fraction", self.min_kept_fraction, 0.0, 1.0)
         _int_range("selection.local_block", self.local_block, 0, 1 << 16)
         _float_range("selection.head_budget_error", self.head_budget_error, 0.0, 10.0)
+        _float_range("selection.high_noise_top_k_scale", self.high_noise_top_k_scale, 0.0, 16.0, low_open=True)
+        _float_range("selection.low_noise_top_k_scale", self.low_noise_top_k_scale, 0.0, 16.0, low_open=True)
+        _float_range("selection.noise_phase_fraction", self.noise_phase_fraction, 0.0, 0.5)
         for name in ("tail", "own_clusters"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"selection.{name} must be true or false, got {getattr(self, name)!r}")
@@ -84,9 +104,10 @@ class SelectionConfig:
 SELECTION_RECIPES: dict[str, SelectionConfig] = {
     "hybrid": SelectionConfig(),
     "paper": SelectionConfig(score="quest", count="topk", top_k=64, tail=False, local_block=0, own_clusters=False,
-                             head_budget_error=0.0),
+                             head_budget_error=0.0, high_noise_top_k_scale=1.0),
     "svg2": SelectionConfig(score="centroid", count="mass", top_k=64, top_p=0.9, tail=False, local_block=0,
-                            own_clusters=False, min_kept_fraction=0.0, head_budget_error=0.0),
+                            own_clusters=False, min_kept_fraction=0.0, head_budget_error=0.0,
+                            high_noise_top_k_scale=1.0),
 }
 DEFAULT_RECIPE = "hybrid"
 METHODS = ("adacluster", "svg2", "adaspa", "moddit")  # methods/, one module each
@@ -110,7 +131,7 @@ class AdaClusterConfig:
     # dense_error_threshold; "clusters": the layers needing the most key clusters (as published)
     dense_layers_by: str = "error"
     dense_error_threshold: float = 0.1
-    warmup_steps: int = 10
+    warmup_steps: int = 3  # dense steps; the last calibrates (10: the published schedule)
     min_tokens: int = 4096  # shorter self-attention stays dense
     seed: int = 0
     selection: SelectionConfig = field(default_factory=SelectionConfig)

@@ -192,7 +192,8 @@ def _layout_kernel(Q, K, V, Out, Lse,
             m_i, l_i, acc = _online_update(q, k, v, bias, m_i, l_i, acc, qk_scale)
 
     if HAS_LOCAL:  # merge the local-block partial (normalised output + natural-log lse)
-        lo = tl.load(LO + (g * N + qpos[:, None].to(tl.int64)) * D + dims[None, :], mask=row_ok[:, None], other=0.0)
+        lo = tl.load(LO + (g * N + qpos[:, None].to(tl.int64)) * D + dims[None, :], mask=row_ok[:, None],
+                     other=0.0).to(tl.float32)
         ll = tl.load(LL + g * N + qpos, mask=row_ok, other=float("-inf")) * 1.4426950408889634
         m_new = tl.maximum(m_i, ll)
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -240,7 +241,8 @@ def _local_kernel(Q, K, V, LO, LL, sqb, sqh, sqn, skb, skh, skn, svb, svh, svn,
         bias = tl.where(pair_ok & (already == 0), 0.0, float("-inf"))
         m_i, l_i, acc = _online_update(q, k, v, bias, m_i, l_i, acc, qk_scale)
     out, lse = _finish(m_i, l_i, acc)
-    tl.store(LO + (g * N + rows[:, None].to(tl.int64)) * D + dims[None, :], out, mask=row_ok[:, None])
+    tl.store(LO + (g * N + rows[:, None].to(tl.int64)) * D + dims[None, :], out.to(LO.dtype.element_ty),
+             mask=row_ok[:, None])
     tl.store(LL + g * N + rows, lse, mask=row_ok)
 
 
@@ -466,7 +468,8 @@ def run_layout(q, k, v, q_off, k_off, selected, q_perm, k_perm, local_block: int
     if local_block:
         q_labels = reference.segment_labels(q_perm, q_off, n).reshape(groups, n).to(torch.int32)
         k_labels = reference.segment_labels(k_perm, k_off, n).reshape(groups, n).to(torch.int32)
-        local_out = torch.empty(groups, n, d, device=q.device, dtype=torch.float32)
+        # the local partial is normalised, so q's dtype holds it as well as the final output (half the memory)
+        local_out = torch.empty(groups, n, d, device=q.device, dtype=q.dtype)
         local_lse = torch.empty(groups, n, device=q.device, dtype=torch.float32)
         lm, ln = (64, 64) if d <= 128 else (32, 32)
         _local_kernel[(triton.cdiv(n, lm), groups)](

@@ -28,6 +28,7 @@ RECIPES = tuple(SELECTION_RECIPES)
 WARMUP_FROM_PRESET = -1
 NO_PROFILE = ""  # calibration_profile choice: no profile
 TOP_K_FROM_SELECTION = 0  # "Top-K clusters" widget value that keeps the selection recipe's own Top-K
+BUDGET_BY_NOISE, BUDGET_CONSTANT = "by noise level", "same every step"  # "budget schedule" choices
 
 
 @dataclass(frozen=True)
@@ -77,8 +78,8 @@ WIDGETS: tuple = (
            "of the attention mass instead and ignores this value.", "Top-K clusters", TOP_K_FROM_SELECTION, 4096, 1,
            config_key="selection.top_k"),
     Widget("warmup_steps", "INT", WARMUP_FROM_PRESET, "Sampler steps that run dense before sparse attention starts; "
-           "the last of them calibrates the clusters. -1 uses the preset (Wan 10, HunyuanVideo 6, CogVideoX 10). "
-           "Counted from the sigma schedule, so two-evaluation samplers (heun, dpm 2S) count right.",
+           "the last of them calibrates the clusters. -1 uses the preset (3 for every family; the published "
+           "schedule is 10). Counted from the sigma schedule, so two-evaluation samplers (heun, dpm 2S) count right.",
            "warm-up steps", WARMUP_FROM_PRESET, 10000, 1, config_key="warmup_steps"),
     Widget("dense_layer_fraction", "FLOAT", 0.15, "The most layers that stay dense, as a share of all layers: after "
            "calibration the layers chosen by 'dense layers by' (plus any layer that is hard to compress) run full "
@@ -105,6 +106,11 @@ WIDGETS: tuple = (
            "calibration. Lists the profiles in models/adacluster_profiles (and extra model paths registered for "
            "adacluster_profiles); empty = none.", "calibration profile", advanced=True, optional=True,
            choices=lambda: _profile_names(), check=lambda value: _profile_check(value)),
+    Widget("budget_schedule", "COMBO", BUDGET_BY_NOISE, "How the Top-K changes over the sampler steps. 'by noise "
+           "level': the selection's own schedule; for 'hybrid', attention is more spread out at high noise, so the "
+           "first quarter of the steps keeps three times the Top-K. 'same every step': "
+           "one Top-K on every step, as published ('paper' and 'svg2' always do this).", "budget schedule",
+           options=(BUDGET_BY_NOISE, BUDGET_CONSTANT), advanced=True, optional=True),
 )
 WIDGETS_BY_NAME = {w.name: w for w in WIDGETS}
 
@@ -185,6 +191,8 @@ def config_from_widgets(family: str, **values: Any) -> AdaClusterConfig:
     """The preset of ``family`` with the widget values applied; ConfigError names any bad widget value."""
     check_widget_values(WIDGETS, values)
     overrides = {}
+    if values.get("budget_schedule") == BUDGET_CONSTANT:
+        overrides.update({"selection.high_noise_top_k_scale": 1.0, "selection.low_noise_top_k_scale": 1.0})
     for name, value in values.items():
         key = WIDGETS_BY_NAME[name].config_key
         if key is None or (name == "warmup_steps" and value == WARMUP_FROM_PRESET):

@@ -16,7 +16,7 @@ def test_both_parts_on_a_tiny_grid(monkeypatch, tmp_path, capsys):
     monkeypatch.setattr(bs, "selection_settings", lambda: {
         "everything": SelectionConfig(top_k=4096, min_kept_fraction=1.0),
         "top-k 2": SelectionConfig(top_k=2, min_kept_fraction=0.0)})
-    monkeypatch.setattr(bs, "schedule_variants", lambda preset: {
+    monkeypatch.setattr(bs, "schedule_variants", lambda preset, steps=50: {
         "warm-up 3": {"warmup_steps": 3}, "warm-up 3, no dense layers": {"warmup_steps": 3, "dense_layer_fraction": 0.0}})
     out = tmp_path / "study.json"
     assert bs.main(["--shape", "tiny", "--layers", "2", "--steps", "10", "--device", "cpu", "--calibrate-at", "2",

@@ -69,3 +69,14 @@ def test_step_from_sigmas_handles_two_calls_per_step():
 def test_phase_of_step():
     assert [phase_of(s, 3) for s in range(4)] == [Phase.WARMUP, Phase.WARMUP, Phase.CALIBRATE, Phase.SPARSE]
     assert phase_of(0, 0) is Phase.SPARSE
+
+
+def test_budget_schedule_scales_top_k_by_noise_phase():
+    sel = SelectionConfig(high_noise_top_k_scale=2.0, low_noise_top_k_scale=0.5, noise_phase_fraction=0.25)
+    scales = [sel.top_k_scale(step, 20) for step in range(20)]
+    assert scales == [2.0] * 5 + [1.0] * 10 + [0.5] * 5
+    assert all(SELECTION_RECIPES[name].top_k_scale(0, 50) == 1.0 for name in ("paper", "svg2"))
+    with pytest.raises(ConfigError, match=r"selection.high_noise_top_k_scale = 0 .*\(0.0, 16.0\]"):
+        from_dict({"selection.high_noise_top_k_scale": 0})
+    with pytest.raises(ConfigError, match=r"selection.noise_phase_fraction = 0.6 .*\[0.0, 0.5\]"):
+        from_dict({"selection.noise_phase_fraction": 0.6})

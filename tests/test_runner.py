@@ -231,3 +231,20 @@ def test_head_budget_gives_concentrated_heads_the_smaller_top_k():
     plan = runner.method.plan(q, k, CallInfo(0, 1, 3, (0,)))
     per_cluster = plan.layout.selected.sum(-1)  # (1, 2, Cq): key clusters kept per query cluster
     assert int(per_cluster[0, 0].max()) <= chosen[0] and int(per_cluster[0, 1].max()) == chosen[1]
+
+
+def test_budget_schedule_changes_top_k_per_step():
+    """Sparse steps select with the Top-K of their noise phase: twice it early, half of it late."""
+    q, k, v = structured_qkv(batch=1, heads=2, n=900, d=16, groups=4, seed=12)
+    cache = RunCache()
+    cache.start_run(8)
+    config = from_dict({**SMALL, "dense_layer_fraction": 0.0, "initial_key_clusters": 24, "warmup_steps": 1,
+                        "selection": {"top_k": 4, "min_kept_fraction": 0.0, "own_clusters": False,
+                                      "high_noise_top_k_scale": 2.0, "low_noise_top_k_scale": 0.5}})
+    runner = SparseAttention(config, cache)
+    runner(q, k, v, CallInfo(0, 0, 8, (0,)), dense=lambda: dense_reference(q, k, v))
+    widest = {}
+    for step in (1, 4, 7):  # high noise (first quarter), middle, low noise (last quarter)
+        plan = runner.method.plan(q, k, CallInfo(0, step, 8, (0,)))
+        widest[step] = int(plan.layout.selected.sum(-1).max())
+    assert widest == {1: 8, 4: 4, 7: 2}, widest

@@ -38,10 +38,15 @@ class AdaCluster(SparseMethod):
     def plan(self, q: torch.Tensor, k: torch.Tensor, call) -> Plan:
         qc, kc = self.cluster(q, k, call)
         states = [self.cache.state(call.layer, branch) for branch in call.branches[:q.shape[0]]]
+        sel = self.config.selection
         top_k = None
         if all(s.head_top_k is not None for s in states):
             top_k = torch.stack([s.head_top_k for s in states])
-        layout = selection.build_layout(q, k, qc, kc, self.config.selection, top_k=top_k)
+        scale = sel.top_k_scale(call.step, call.total_steps)
+        if scale != 1.0:
+            base = top_k if top_k is not None else torch.full((q.shape[0], q.shape[1]), sel.top_k, device=q.device)
+            top_k = (base * scale).round().clamp_min(1).long()
+        layout = selection.build_layout(q, k, qc, kc, sel, top_k=top_k)
         kept = selection.kept_fraction(layout, qc.labels, kc.labels)
         return Plan(layout, kept, kc.counts)
 

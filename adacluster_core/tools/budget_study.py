@@ -47,19 +47,33 @@ def selection_settings() -> dict:
     return settings
 
 
-def schedule_variants(preset: str) -> dict:
-    """Name -> config overrides of whole-run variants (on top of the family preset)."""
+def schedule_variants(preset: str, steps: int = 50) -> dict:
+    """Name -> config overrides of whole-run variants (on top of the family preset): the warm-up length, the
+    dense-layer rule and the budget schedule (Top-K multipliers at high / low noise). Warm-up lengths are
+    named for a 50-step run and scaled to ``steps`` (at least 1)."""
+    def warmup(of_50: int) -> int:
+        return max(1, round(of_50 * steps / 50))
+
+    def by_noise(high: float, low: float, fraction: float = 0.25) -> dict:
+        return {"high_noise_top_k_scale": high, "low_noise_top_k_scale": low, "noise_phase_fraction": fraction}
+
     return {
-        "preset as shipped": {},
-        "warm-up 3, no dense layers, Top-K 16": {"warmup_steps": 3, "dense_layer_fraction": 0.0},
-        "warm-up 3, no dense layers, Top-K 8": {"warmup_steps": 3, "dense_layer_fraction": 0.0,
-                                                 "selection": {"top_k": 8}},
-        "warm-up 3, no dense layers, per-head budget 0.05": {"warmup_steps": 3, "dense_layer_fraction": 0.0,
-                                                             "selection": {"head_budget_error": 0.05}},
-        "warm-up 3, dense by error": {"warmup_steps": 3},
-        "warm-up 3, dense 15% by clusters": {"warmup_steps": 3, "dense_layers_by": "clusters"},
-        "warm-up 5, dense by error": {"warmup_steps": 5},
-        "warm-up 10, dense 15% by clusters (as published)": {"warmup_steps": 10, "dense_layers_by": "clusters"},
+        "preset as shipped": {"warmup_steps": warmup(load_preset(preset).warmup_steps)},
+        "warm-up 10, Top-K 16 on every step (published schedule)": {"warmup_steps": warmup(10),
+                                                                     "selection": by_noise(1, 1)},
+        "warm-up 10, dense 15% by clusters (as published)": {"warmup_steps": warmup(10), "dense_layers_by": "clusters",
+                                                             "selection": by_noise(1, 1)},
+        "warm-up 3, Top-K 16 on every step": {"warmup_steps": warmup(3), "selection": by_noise(1, 1)},
+        "warm-up 3, Top-K x2 / x1 / x0.5 by noise": {"warmup_steps": warmup(3), "selection": by_noise(2, 0.5)},
+        "warm-up 3, Top-K x2 / x1 / x1 by noise": {"warmup_steps": warmup(3), "selection": by_noise(2, 1)},
+        "warm-up 3, Top-K x3 / x1 / x0.5 by noise": {"warmup_steps": warmup(3), "selection": by_noise(3, 0.5)},
+        "warm-up 3, Top-K x3 / x1 / x1 by noise": {"warmup_steps": warmup(3), "selection": by_noise(3, 1)},
+        "warm-up 3, Top-K x4 / x1 / x1 by noise": {"warmup_steps": warmup(3), "selection": by_noise(4, 1)},
+        "warm-up 3, Top-K x2 on the first 40%": {"warmup_steps": warmup(3), "selection": by_noise(2, 1, 0.4)},
+        "warm-up 3, Top-K x2 / x1 / x0.75 by noise": {"warmup_steps": warmup(3), "selection": by_noise(2, 0.75)},
+        "warm-up 5, Top-K x2 / x1 / x0.5 by noise": {"warmup_steps": warmup(5), "selection": by_noise(2, 0.5)},
+        "warm-up 3, no dense layers, Top-K x2 / x1 / x0.5": {"warmup_steps": warmup(3), "dense_layer_fraction": 0.0,
+                                                             "selection": by_noise(2, 0.5)},
     }
 
 
@@ -114,7 +128,8 @@ def schedule_part(workload, shape: VideoShape, log, variants: Optional[dict] = N
     steps = workload.config.steps
     call_extra = workload.call_kwargs()
     results = []
-    for name, overrides in (variants or schedule_variants(shape.preset)).items():
+    dense_outputs = {}  # (layer, step) -> dense output, the same for every variant
+    for name, overrides in (variants or schedule_variants(shape.preset, steps)).items():
         config = load_preset(shape.preset, min_tokens=0, **overrides)
         cache = RunCache()
         cache.start_run(steps)
@@ -124,7 +139,9 @@ def schedule_part(workload, shape: VideoShape, log, variants: Optional[dict] = N
         for step in range(steps):
             for layer in range(workload.config.layers):
                 q, k, v = workload.qkv(layer, step)
-                dense_out = kernels.dense_attention(q, k, v)
+                if (layer, step) not in dense_outputs:
+                    dense_outputs[layer, step] = kernels.dense_attention(q, k, v)
+                dense_out = dense_outputs[layer, step]
                 call = CallInfo(layer, step, steps, (0,), **call_extra)
                 before = len(cache.records)
                 out = runner(q, k, v, call, dense=lambda: dense_out)
@@ -187,6 +204,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="where the workload and the attention run (default: cuda when available)")
     parser.add_argument("--layers", type=int, default=10, help="layers of the workload, 1-64 (default 10)")
     parser.add_argument("--steps", type=int, default=50, help="sampler steps of the schedule, 10-200 (default 50)")
+    parser.add_argument("--variants", nargs="+", default=None,
+                        help="schedule part: run only the variants whose names contain one of these words")
     parser.add_argument("--parts", nargs="+", choices=("selection", "schedule"), default=["selection", "schedule"])
     parser.add_argument("--calibrate-at", type=int, nargs="+", default=[2, 9],
                         help="selection part: steps whose clusters are calibrated (default 2 9)")
@@ -226,7 +245,12 @@ def main(argv=None) -> int:
         selection_rows = selection_part(workload, shape, tuple(s + 1 for s in args.calibrate_at), log)
         write()
     if "schedule" in args.parts:
-        schedule_rows = schedule_part(workload, shape, log)
+        variants = schedule_variants(shape.preset, args.steps)
+        if args.variants:
+            variants = {n: v for n, v in variants.items() if any(w in n for w in args.variants)}
+            if not variants:
+                parser.error(f"--variants {' '.join(args.variants)} matches none of: {', '.join(schedule_variants(shape.preset, args.steps))}")
+        schedule_rows = schedule_part(workload, shape, log, variants)
         write()
     print(format_tables(selection_rows, schedule_rows))
     print(f"\nwrote {args.out}")

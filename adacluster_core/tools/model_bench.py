@@ -645,15 +645,32 @@ def benchmark_case(name: str, case: Case, args, device: torch.device, dtype: tor
     report = patch.cache.report()
     layers = report.layers if report else []
     dense_layers = sorted(r.layer for r in layers if r.dense_layer)
-    kept = [r.kept_fraction for r in layers if r.sparse_calls and r.kept_fraction == r.kept_fraction]
     num_layers = comfy_adapter.detect_family(base).num_layers
-    t_cal, t_sparse = sparse["step_ms"][0], _median(sparse["step_ms"][1:])
-    rho = sum(kept) / len(kept) if kept else 1.0
+    t_cal = sparse["step_ms"][0]
+    # The budget schedule gives the sparse steps different Top-K multipliers: every multiplier the run uses
+    # is timed on steps that have it, the measured slice's own steps first, then one more slice per multiplier.
+    selection_config = patch.config.selection
+    scale_of = {step: selection_config.top_k_scale(step, args.steps) for step in range(warmup, args.steps)}
+    samples = {}
+    for step, ms in zip(range(s0 + 1, s0 + count), sparse["step_ms"][1:]):
+        samples.setdefault(scale_of.get(step, 1.0), {"ms": [], "kept": _kept(layers)})["ms"].append(ms)
+    for scale in sorted(set(scale_of.values()) - set(samples)):
+        group = [step for step, value in scale_of.items() if value == scale]
+        progress.set_description(f"{name}: AdaCluster, Top-K x{scale:g} steps")
+        extra = bench.run(patched, group[0] - 1, 1 + min(measured, len(group)))
+        extra_report = patch.cache.report()
+        samples[scale] = {"ms": extra["step_ms"][1:], "kept": _kept(extra_report.layers if extra_report else [])}
+    step_ms_by_scale = {scale: _median(v["ms"]) for scale, v in samples.items()}
+    sparse_steps = list(scale_of)
+    t_sparse = sum(step_ms_by_scale[scale_of[step]] for step in sparse_steps) / max(1, len(sparse_steps))
+    rho = sum(samples[scale_of[step]]["kept"] for step in sparse_steps) / max(1, len(sparse_steps))
     sparse_layer_share = (num_layers - len(dense_layers)) / num_layers
     ceiling_step = t_dense - self_ms * sparse_layer_share  # attention free in every sparse layer
     floor_step = t_dense - self_ms * sparse_layer_share * (1.0 - rho)  # sparse layers at their kept fraction
     row["adacluster"] = {
         "widgets": widgets, "step_ms": sparse["step_ms"], "calibration_step_ms": t_cal, "sparse_step_ms": t_sparse,
+        "sparse_step_ms_by_top_k_scale": {f"{scale:g}": ms for scale, ms in sorted(step_ms_by_scale.items())},
+        "kept_fraction_by_top_k_scale": {f"{scale:g}": v["kept"] for scale, v in sorted(samples.items())},
         "dense_layers": dense_layers, "layers": num_layers, "kept_fraction": rho,
         "sparse_calls": sum(r.sparse_calls for r in layers), "dense_reasons": report.dense_reasons if report else {},
         "peak_vram_bytes": sparse["peak_bytes"], "cache_bytes_peak": cache_peak[0],
@@ -667,11 +684,14 @@ def benchmark_case(name: str, case: Case, args, device: torch.device, dtype: tor
     whole_dense = s * t_dense
     whole_ada = (warmup - 1) * t_dense + t_cal + (s - warmup) * t_sparse
     whole_ceiling = warmup * t_dense + (s - warmup) * ceiling_step
+    phases = ", ".join(f"{sum(1 for v in scale_of.values() if v == scale)} at Top-K x{scale:g}"
+                       for scale in sorted(step_ms_by_scale))
     row["whole_run"] = {"composed": True, "dense_s": whole_dense / 1000, "adacluster_s": whole_ada / 1000,
                         "adacluster_speedup": whole_dense / whole_ada, "ceiling_s": whole_ceiling / 1000,
                         "ceiling_speedup": whole_dense / whole_ceiling,
                         "note": f"composed from the preset's schedule: {warmup - 1} dense steps + 1 calibration "
-                                f"step + {s - warmup} sparse steps of {s}, from medians of the sampled slice"}
+                                f"step + {s - warmup} sparse steps ({phases}) of {s}, from medians of sampled "
+                                "slices"}
     row["targets"] = targets(name, row)
     del patched, patch
     gc.collect()
@@ -717,6 +737,22 @@ def targets(name: str, row: dict) -> list:
         out.append({"name": "whole-run speedup", "value": speedup, "target": WHOLE_RUN_TARGETS[name],
                     "met": speedup >= WHOLE_RUN_TARGETS[name], "higher_is_better": True})
     return out
+
+
+def _extra_slices(case: Case, steps: int) -> int:
+    """Slices beyond the first that benchmark_case samples: one per further Top-K multiplier of the budget
+    schedule (the first slice covers one)."""
+    from ..config import load_preset
+
+    preset = load_preset(MODELS[case.model].family)
+    scales = {preset.selection.top_k_scale(step, steps) for step in range(preset.warmup_steps, steps)}
+    return max(0, len(scales) - 1)
+
+
+def _kept(layers) -> float:
+    """Mean kept fraction over the layers of a run report that ran sparse (1.0 when none did)."""
+    kept = [r.kept_fraction for r in layers if r.sparse_calls and r.kept_fraction == r.kept_fraction]
+    return sum(kept) / len(kept) if kept else 1.0
 
 
 def _run_watching(bench: Sampler, model, start: int, count: int, watch: Callable) -> dict:
@@ -844,6 +880,10 @@ def format_table(rows: list) -> str:
         lines.append(f"  calibration step    {a['calibration_step_ms']:10.1f} ms")
         lines.append(f"  sparse step         {a['sparse_step_ms']:10.1f} ms   kept {100 * a['kept_fraction']:.1f}%, "
                      f"{len(a['dense_layers'])} of {a['layers']} layers dense")
+        if len(a.get("sparse_step_ms_by_top_k_scale", {})) > 1:
+            lines.append("  sparse steps by Top-K multiplier: " + ", ".join(
+                f"x{scale} {ms:.1f} ms (kept {100 * a['kept_fraction_by_top_k_scale'][scale]:.1f}%)"
+                for scale, ms in a["sparse_step_ms_by_top_k_scale"].items()) + "; sparse step = their mean over the run")
         lines.append(f"  ceiling step        {a['ceiling_step_ms']:10.1f} ms   (attention free in the sparse layers; "
                      f"sparse step = {a['sparse_step_vs_ceiling']:.2f}x ceiling); at the kept fraction "
                      f"{a['floor_step_ms_at_kept_fraction']:.1f} ms ({a['sparse_step_vs_floor']:.2f}x)")
@@ -1043,7 +1083,8 @@ def _main(args) -> int:
         cases.append((name, case))
     count = 1 + args.measure_steps
     per_case = 3 * count + (4 if args.warmup_run and cuda else 0)  # dense, AdaCluster, core node, warm-ups
-    total = len(cases) * ((2 + 5 * 2 + 2) if args.vram_check else per_case)
+    total = (len(cases) * (2 + 5 * 2 + 2) if args.vram_check else
+             sum(per_case + _extra_slices(c, args.steps) * count for _, c in cases))
     progress = _Progress(total, args.progress)
     header = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
               "torch": torch.__version__, "comfyui": comfyui_version(root), "comfyui_path": str(root),

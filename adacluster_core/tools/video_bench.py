@@ -48,7 +48,7 @@ VIDEO_SHAPES = {  # latent token grids (frames x h x w after patching) of the mo
     "hunyuan-720p": VideoShape(33, 45, 80, 24, 128, "hunyuan_video", 256, False),
 }
 SCHEDULE_STEPS = 50
-CASE_STEPS = (10, 40)  # a high-noise and a low-noise sparse step of the 50-step schedule
+CASE_STEPS = (10, 25, 40)  # a high-noise, a middle and a low-noise sparse step of the 50-step schedule
 LAYER_KINDS = 5  # the workload's first five layer kinds: local, semantic, mixed, temporal, diffuse
 SOL_TAUS = (1.0, 1.3, 1.5)
 

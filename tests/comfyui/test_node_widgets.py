@@ -18,10 +18,23 @@ def test_widget_defaults_build_every_preset():
     for family in ("wan", "hunyuan_video", "cogvideox"):
         config = widgets.config_from_widgets(family, **defaults)
         assert config.query_clusters == 65 and config.initial_key_clusters == 100
-    # -1 warm-up steps keeps the preset's value, which differs per family
-    assert widgets.config_from_widgets("hunyuan_video", warmup_steps=-1).warmup_steps == 6
-    assert widgets.config_from_widgets("wan", warmup_steps=-1).warmup_steps == 10
-    assert widgets.config_from_widgets("wan", warmup_steps=3).warmup_steps == 3
+    # -1 warm-up steps keeps the preset's value
+    assert widgets.config_from_widgets("hunyuan_video", warmup_steps=-1).warmup_steps == 3
+    assert widgets.config_from_widgets("wan", warmup_steps=-1).warmup_steps == 3
+    assert widgets.config_from_widgets("wan", warmup_steps=10).warmup_steps == 10
+
+
+def test_budget_schedule_widget():
+    """'by noise level' keeps the selection's schedule (hybrid: 3x Top-K early; paper: constant), 'same every
+    step' asks for one Top-K on every step, as published."""
+    by_noise = widgets.config_from_widgets("wan", budget_schedule="by noise level")
+    assert by_noise.selection.top_k_scale(0, 50) == 3.0 and by_noise.selection.top_k_scale(30, 50) == 1.0
+    constant = widgets.config_from_widgets("wan", budget_schedule="same every step", warmup_steps=10)
+    assert all(constant.selection.top_k_scale(step, 50) == 1.0 for step in range(50))
+    paper = widgets.config_from_widgets("wan", budget_schedule="by noise level", selection="paper")
+    assert paper.selection.top_k_scale(0, 50) == 1.0
+    with pytest.raises(ConfigError, match="budget_schedule = 'fast' is not one of"):
+        widgets.config_from_widgets("wan", budget_schedule="fast")
 
 
 def test_widget_values_map_to_config_fields():
@@ -63,7 +76,8 @@ def test_every_widget_value_in_range_is_accepted_whatever_the_other_widgets():
 def test_every_combo_lists_its_default_first():
     tables = list(widgets.WIDGETS) + list(widgets.REPORT_WIDGETS)
     combos = [w for w in tables if w.kind == "COMBO"]
-    assert {w.name for w in combos} == {"preset", "dense_layers_by", "selection", "calibration_profile"}
+    assert {w.name for w in combos} == {"preset", "dense_layers_by", "selection", "calibration_profile",
+                                        "budget_schedule"}
     for w in combos:
         assert w.option_list()[0] == w.default, w.name
     assert widgets.WIDGETS_BY_NAME["dense_layers_by"].option_list() == ["error", "clusters"]
