@@ -587,6 +587,7 @@ def benchmark_case(name: str, case: Case, args, device: torch.device, dtype: tor
     from ...adacluster_core import comfy_adapter
     from ...adacluster_core.config import load_preset
     from ...nodes.common import apply_patch
+    from ...nodes.widgets import BUDGET_CONSTANT, config_from_widgets
 
     spec = MODELS[case.model]
     progress.set_description(f"{name}: building the model")
@@ -627,7 +628,9 @@ def benchmark_case(name: str, case: Case, args, device: torch.device, dtype: tor
     del timer
 
     # AdaCluster through the node's own code path, warm-up 1: the first sampled step calibrates.
-    widgets = _widgets(spec, args.tiny, warmup_steps=1)
+    # A sampled slice is a run of its own to the node (its steps count from 0), so each slice runs one Top-K
+    # on every step, and the budget schedule's multipliers are timed one slice each (base Top-K x multiplier).
+    widgets = _widgets(spec, args.tiny, warmup_steps=1, budget_schedule=BUDGET_CONSTANT)
     patched = apply_patch(base, **widgets)
     patch = comfy_adapter.find_patch(patched)
     if patch is None:
@@ -647,19 +650,20 @@ def benchmark_case(name: str, case: Case, args, device: torch.device, dtype: tor
     dense_layers = sorted(r.layer for r in layers if r.dense_layer)
     num_layers = comfy_adapter.detect_family(base).num_layers
     t_cal = sparse["step_ms"][0]
-    # The budget schedule gives the sparse steps different Top-K multipliers: every multiplier the run uses
-    # is timed on steps that have it, the measured slice's own steps first, then one more slice per multiplier.
-    selection_config = patch.config.selection
-    scale_of = {step: selection_config.top_k_scale(step, args.steps) for step in range(warmup, args.steps)}
-    samples = {}
-    for step, ms in zip(range(s0 + 1, s0 + count), sparse["step_ms"][1:]):
-        samples.setdefault(scale_of.get(step, 1.0), {"ms": [], "kept": _kept(layers)})["ms"].append(ms)
+    # The default budget schedule's Top-K multiplier of every sparse step of the full run; the slice above
+    # timed multiplier 1, one more slice times each other multiplier the run uses.
+    node_default = config_from_widgets(spec.family, **{k: v for k, v in _widgets(spec, args.tiny).items()
+                                                       if k != "preset"})
+    scale_of = {step: node_default.selection.top_k_scale(step, args.steps) for step in range(warmup, args.steps)}
+    samples = {1.0: {"ms": sparse["step_ms"][1:], "kept": _kept(layers)}}
     for scale in sorted(set(scale_of.values()) - set(samples)):
-        group = [step for step, value in scale_of.items() if value == scale]
         progress.set_description(f"{name}: AdaCluster, Top-K x{scale:g} steps")
-        extra = bench.run(patched, group[0] - 1, 1 + min(measured, len(group)))
-        extra_report = patch.cache.report()
+        top_k = max(1, round(node_default.selection.top_k * scale))
+        scaled = apply_patch(base, **{**widgets, "top_k_clusters": top_k})
+        extra = bench.run(scaled, s0, count)
+        extra_report = comfy_adapter.find_patch(scaled).cache.report()
         samples[scale] = {"ms": extra["step_ms"][1:], "kept": _kept(extra_report.layers if extra_report else [])}
+        del scaled
     step_ms_by_scale = {scale: _median(v["ms"]) for scale, v in samples.items()}
     sparse_steps = list(scale_of)
     t_sparse = sum(step_ms_by_scale[scale_of[step]] for step in sparse_steps) / max(1, len(sparse_steps))
