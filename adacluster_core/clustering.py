@@ -54,6 +54,24 @@ def sample_rows(x: torch.Tensor, count: int, generator) -> torch.Tensor:
     return x.float().gather(-2, index.unsqueeze(-1).expand(*index.shape, x.shape[-1]))
 
 
+# Calibration works on fp32 copies of q and k; it takes the heads a few at a time so that those copies stay
+# below this size (a whole Wan 14B 720p layer would need 1.5 GB for each).
+CALIBRATION_CHUNK_BYTES = 256 << 20
+
+
+def head_chunks(x: torch.Tensor) -> list:
+    """Slices of dim -3 (heads) of x (B, H, N, d) whose fp32 copy fits in CALIBRATION_CHUNK_BYTES (at least
+    one head each)."""
+    batch, heads, n, d = x.shape
+    per_chunk = max(1, CALIBRATION_CHUNK_BYTES // max(1, batch * n * d * 4))
+    return [slice(h, min(heads, h + per_chunk)) for h in range(0, heads, per_chunk)]
+
+
+def _generator_part(generator, heads: slice):
+    """The generators of a slice of the heads (a list has one per head; a single generator is shared)."""
+    return generator[heads] if isinstance(generator, list) else generator
+
+
 def generator_for(seed: int, layer: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed * 1_000_003 + layer)
 
@@ -66,11 +84,15 @@ def head_generators(seed: int, layer: int, heads) -> list:
 
 def cluster_queries(q: torch.Tensor, n_clusters: int, iters: int, init: Optional[torch.Tensor] = None,
                     generator: Optional[torch.Generator] = None) -> Clusters:
-    """Spherical k-means of the normalised queries (B, H, N, d); warm-started when ``init`` is given."""
-    unit = kernels.normalize_rows(q)
-    if init is None:
-        init = sample_rows(unit, n_clusters, generator)
-    centroids, labels, sizes, _ = kernels.kmeans(unit, init, iters, True)
+    """Spherical k-means of the normalised queries (B, H, N, d); warm-started when ``init`` is given.
+    Heads are clustered a few at a time (head_chunks), each from its own generator when given a list."""
+    parts = []
+    for heads in head_chunks(q):
+        unit = kernels.normalize_rows(q[:, heads])
+        start = init[:, heads] if init is not None else sample_rows(unit, n_clusters, _generator_part(generator, heads))
+        parts.append(kernels.kmeans(unit, start, iters, True)[:3])
+        del unit
+    centroids, labels, sizes = (torch.cat(tensors, dim=1) for tensors in zip(*parts))
     counts = torch.full(q.shape[:2], centroids.shape[-2], dtype=torch.int64, device=q.device)
     return Clusters(centroids, labels, sizes, counts)
 
@@ -108,20 +130,25 @@ def calibrate_keys(k: torch.Tensor, initial_clusters: int, alpha: float, relativ
     ``initial_clusters`` new clusters; keys that now lie within tau are accepted. This repeats for at most
     ``max_stages`` stages. A head is hard to compress when it needs more
     than ``cap_fraction * N`` clusters or still has keys beyond tau after the last stage.
-    Runs once per layer per run; loops over heads on the host, which is fine at that rate."""
+    Runs once per layer per run; loops over heads on the host, which is fine at that rate, and takes the
+    heads a few at a time (head_chunks) so the fp32 copy of the keys stays small."""
     batch, heads, n, d = k.shape
-    kf = k.float()
-    first = kernels.kmeans(kf, sample_rows(kf, initial_clusters, generator), iters, False)
-    first_centroids, first_labels, _, first_fit = first
-    distance = first_fit.sqrt()
-    tau = alpha * distance.mean(-1) if relative else torch.full((batch, heads), float(alpha), device=k.device)
-
-    per_head = []
-    for b in range(batch):
-        for h in range(heads):
-            head_gen = generator[h] if isinstance(generator, list) else generator
-            per_head.append(_refine_head(kf[b, h], first_centroids[b, h], first_labels[b, h], distance[b, h],
-                                         float(tau[b, h]), initial_clusters, max_stages, iters, head_gen))
+    per_head, taus = {}, []
+    for chunk in head_chunks(k):
+        kf = k[:, chunk].float()
+        first = kernels.kmeans(kf, sample_rows(kf, initial_clusters, _generator_part(generator, chunk)), iters, False)
+        first_centroids, first_labels, _, first_fit = first
+        distance = first_fit.sqrt()
+        tau = alpha * distance.mean(-1) if relative else torch.full(distance.shape[:2], float(alpha), device=k.device)
+        taus.append(tau)
+        for b in range(batch):
+            for i, h in enumerate(range(chunk.start, chunk.stop)):
+                head_gen = generator[h] if isinstance(generator, list) else generator
+                per_head[b, h] = _refine_head(kf[b, i], first_centroids[b, i], first_labels[b, i], distance[b, i],
+                                              float(tau[b, i]), initial_clusters, max_stages, iters, head_gen)
+        del kf, first, first_fit, distance
+    tau = torch.cat(taus, dim=1)
+    per_head = [per_head[b, h] for b in range(batch) for h in range(heads)]
     max_count = max(c.shape[0] for c, _, _, _ in per_head)
     centroids = torch.zeros(batch, heads, max_count, d, device=k.device)
     labels = torch.empty(batch, heads, n, dtype=torch.int64, device=k.device)

@@ -94,3 +94,40 @@ def test_own_clusters_and_kept_fraction_with_local_blocks():
     block = torch.arange(n) // config.local_block
     allowed = allowed | (block[:, None] == block[None, :])
     torch.testing.assert_close(kept, allowed.double().mean((-1, -2)), atol=1e-7, rtol=1e-6)
+
+
+def test_calibration_in_head_chunks_matches_one_pass(monkeypatch):
+    """Calibration takes the heads a few at a time (bounded fp32 copies); with one generator per head the
+    clusters are exactly those of one pass over every head, odd head counts included."""
+    q, k, _ = structured_qkv(batch=1, heads=5, n=700, d=16, seed=21)
+    k[..., :25, :] *= 5  # outliers, so the key clustering takes more than one stage
+
+    def run():
+        gens = clustering.head_generators(3, 2, range(5))
+        qc = clustering.cluster_queries(q, 7, 3, generator=gens)
+        calib = clustering.calibrate_keys(k, 12, 1.2, True, 10, 1 / 3, 3, clustering.head_generators(3, 2, range(5)))
+        return qc, calib
+
+    monkeypatch.setattr(clustering, "CALIBRATION_CHUNK_BYTES", 1 << 40)
+    assert len(clustering.head_chunks(k)) == 1
+    qc_one, calib_one = run()
+    monkeypatch.setattr(clustering, "CALIBRATION_CHUNK_BYTES", 2 * 700 * 16 * 4)  # two heads per chunk
+    assert [(s.start, s.stop) for s in clustering.head_chunks(k)] == [(0, 2), (2, 4), (4, 5)]
+    qc_chunked, calib_chunked = run()
+    assert torch.equal(qc_one.labels, qc_chunked.labels) and torch.allclose(qc_one.centroids, qc_chunked.centroids)
+    one, chunked = calib_one.clusters, calib_chunked.clusters
+    assert torch.equal(one.counts, chunked.counts) and torch.equal(one.labels, chunked.labels)
+    assert torch.allclose(one.centroids, chunked.centroids) and torch.equal(calib_one.hard, calib_chunked.hard)
+    assert torch.allclose(calib_one.threshold, calib_chunked.threshold)
+    assert int(one.counts.max()) > 12  # the outliers did get clusters of their own
+
+
+def test_squared_norms_per_head_leave_the_input_alone(monkeypatch):
+    from comfyui_adacluster.adacluster_core.methods.adacluster import squared_norms
+
+    monkeypatch.setattr(clustering, "CALIBRATION_CHUNK_BYTES", 1)  # one head per chunk
+    x, ref = torch.randn(2, 3, 37, 8), torch.randn(2, 3, 37, 8)
+    before = x.clone()
+    assert torch.allclose(squared_norms(x), x.pow(2).sum((-1, -2)))
+    assert torch.allclose(squared_norms(x.bfloat16(), ref), (x.bfloat16().float() - ref).pow(2).sum((-1, -2)))
+    assert torch.equal(x, before)

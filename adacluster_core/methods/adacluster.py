@@ -63,13 +63,13 @@ class AdaCluster(SparseMethod):
         which ranks the dense layers."""
         qc, kc = self.cluster(q, k, call)
         candidates = self.budget_candidates() or (self.config.selection.top_k,)
-        ref = reference.float()
-        ref_sq = ref.pow(2).sum((-1, -2))  # (B, H)
+        ref_sq = squared_norms(reference)  # (B, H)
         diff_sq = []
         for top_k in candidates:
             per_head = torch.full(ref_sq.shape, top_k, device=q.device)
             out = execute(selection.build_layout(q, k, qc, kc, self.config.selection, top_k=per_head))
-            diff_sq.append((out.float() - ref).pow(2).sum((-1, -2)))
+            diff_sq.append(squared_norms(out, reference))
+            del out
         diff_sq = torch.stack(diff_sq, dim=-1)  # (B, H, candidates)
         head_error = (diff_sq / ref_sq.clamp_min(1e-24).unsqueeze(-1)).sqrt()
         choice = smallest_within(head_error, self.config.selection.head_budget_error)  # (B, H)
@@ -166,3 +166,15 @@ def smallest_within(errors: torch.Tensor, target: float) -> torch.Tensor:
     the last candidate where none is."""
     meets = errors <= target
     return torch.where(meets.any(-1), meets.to(torch.int8).argmax(-1), errors.shape[-1] - 1)
+
+
+def squared_norms(x: torch.Tensor, minus: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Sum of squares of x (or of x - minus) over tokens and channels, (B, H) fp32, a few heads at a time so
+    no fp32 copy of the whole output is made."""
+    out = torch.empty(x.shape[:2], dtype=torch.float32, device=x.device)
+    for heads in clustering.head_chunks(x):
+        part = x[:, heads].float()  # not in place below: for fp32 x this is x itself
+        if minus is not None:
+            part = part - minus[:, heads].float()
+        out[:, heads] = part.square().sum((-1, -2))
+    return out
