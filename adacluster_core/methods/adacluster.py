@@ -96,8 +96,12 @@ class AdaCluster(SparseMethod):
 
     def describe(self) -> str:
         c = self.config
+        sel = c.selection
+        budget = "" if (sel.high_noise_top_k_scale, sel.low_noise_top_k_scale) == (1.0, 1.0) else (
+            f" (x{sel.high_noise_top_k_scale:g} on the first {sel.noise_phase_fraction:.0%} of the steps, "
+            f"x{sel.low_noise_top_k_scale:g} on the last {sel.noise_phase_fraction:.0%})")
         return (f"method {self.name}, recipe {c.recipe}, query clusters {c.query_clusters}, initial key clusters "
-                f"{c.initial_key_clusters}, threshold {c.sparsity_threshold}, top-k {c.selection.top_k}, warm-up "
+                f"{c.initial_key_clusters}, threshold {c.sparsity_threshold}, top-k {sel.top_k}{budget}, warm-up "
                 f"{c.warmup_steps}, dense layers {c.dense_layer_fraction:.0%}, min tokens {c.min_tokens}")
 
     # ------------------------------------------------------------------ clustering
