@@ -155,18 +155,27 @@ def v1_input_types(node: MethodNode) -> dict:
     return {"required": required}
 
 
-class AdaSpaSparseAttentionV1:
-    DESCRIPTION = ADASPA.description
+class _MethodNodeV1:
+    """What the V1 classes of the method nodes share; each subclass names its MethodNode."""
+    node: MethodNode
     CATEGORY = CATEGORY
-    SEARCH_ALIASES = list(ADASPA.search_aliases)
     RETURN_TYPES = ("MODEL",)
     RETURN_NAMES = ("model",)
-    OUTPUT_TOOLTIPS = ("The model with AdaSpa self-attention.",)
     FUNCTION = "patch"
 
     @classmethod
     def INPUT_TYPES(cls):
-        return v1_input_types(ADASPA)
+        return v1_input_types(cls.node)
+
+    def patch(self, model, **values):
+        return (apply_method(self.node, model, **values),)
+
+
+class AdaSpaSparseAttentionV1(_MethodNodeV1):
+    node = ADASPA
+    DESCRIPTION = ADASPA.description
+    SEARCH_ALIASES = list(ADASPA.search_aliases)
+    OUTPUT_TOOLTIPS = ("The model with AdaSpa self-attention.",)
 
     @classmethod
     def VALIDATE_INPUTS(cls, search_steps="10, 30", search_reference_steps=50):
@@ -174,25 +183,12 @@ class AdaSpaSparseAttentionV1:
         return validation_error(ADASPA, {"search_steps": search_steps,
                                          "search_reference_steps": search_reference_steps}) or True
 
-    def patch(self, model, **values):
-        return (apply_method(ADASPA, model, **values),)
 
-
-class ModDiTSparseAttentionV1:
+class ModDiTSparseAttentionV1(_MethodNodeV1):
+    node = MODDIT
     DESCRIPTION = MODDIT.description
-    CATEGORY = CATEGORY
     SEARCH_ALIASES = list(MODDIT.search_aliases)
-    RETURN_TYPES = ("MODEL",)
-    RETURN_NAMES = ("model",)
     OUTPUT_TOOLTIPS = ("The model with MOD-DiT self-attention.",)
-    FUNCTION = "patch"
-
-    @classmethod
-    def INPUT_TYPES(cls):
-        return v1_input_types(MODDIT)
-
-    def patch(self, model, **values):
-        return (apply_method(MODDIT, model, **values),)
 
 
 V1_CLASSES = {ADASPA.node_id: AdaSpaSparseAttentionV1, MODDIT.node_id: ModDiTSparseAttentionV1}
