@@ -74,6 +74,13 @@ def schedule_variants(preset: str, steps: int = 50) -> dict:
         "warm-up 5, Top-K x2 / x1 / x0.5 by noise": {"warmup_steps": warmup(5), "selection": by_noise(2, 0.5)},
         "warm-up 3, no dense layers, Top-K x2 / x1 / x0.5": {"warmup_steps": warmup(3), "dense_layer_fraction": 0.0,
                                                              "selection": by_noise(2, 0.5)},
+        # budgets per head, one Top-K on every step, 3 warm-up steps whatever the length (README, first table)
+        "3 warm-up steps, no dense layers, Top-K 16 for every head": {
+            "warmup_steps": 3, "dense_layer_fraction": 0.0, "selection": by_noise(1, 1)},
+        "3 warm-up steps, no dense layers, Top-K 8 for every head": {
+            "warmup_steps": 3, "dense_layer_fraction": 0.0, "selection": {"top_k": 8, **by_noise(1, 1)}},
+        "3 warm-up steps, no dense layers, per-head budget 0.05": {
+            "warmup_steps": 3, "dense_layer_fraction": 0.0, "selection": {"head_budget_error": 0.05, **by_noise(1, 1)}},
     }
 
 
