@@ -33,6 +33,8 @@ def test_budget_schedule_widget():
     assert all(constant.selection.top_k_scale(step, 50) == 1.0 for step in range(50))
     paper = widgets.config_from_widgets("wan", budget_schedule="by noise level", selection="paper")
     assert paper.selection.top_k_scale(0, 50) == 1.0
+    # graphs saved before the widget existed do not send it: they get the default schedule
+    assert widgets.config_from_widgets("wan").selection == by_noise.selection
     with pytest.raises(ConfigError, match="budget_schedule = 'fast' is not one of"):
         widgets.config_from_widgets("wan", budget_schedule="fast")
 
