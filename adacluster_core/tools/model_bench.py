@@ -587,7 +587,7 @@ def benchmark_case(name: str, case: Case, args, device: torch.device, dtype: tor
     from ...adacluster_core import comfy_adapter
     from ...adacluster_core.config import load_preset
     from ...nodes.common import apply_patch
-    from ...nodes.widgets import BUDGET_CONSTANT, config_from_widgets
+    from ...nodes.widgets import BUDGET_CONSTANT
 
     spec = MODELS[case.model]
     progress.set_description(f"{name}: building the model")
@@ -650,15 +650,13 @@ def benchmark_case(name: str, case: Case, args, device: torch.device, dtype: tor
     dense_layers = sorted(r.layer for r in layers if r.dense_layer)
     num_layers = comfy_adapter.detect_family(base).num_layers
     t_cal = sparse["step_ms"][0]
-    # The default budget schedule's Top-K multiplier of every sparse step of the full run; the slice above
-    # timed multiplier 1, one more slice times each other multiplier the run uses.
-    node_default = config_from_widgets(spec.family, **{k: v for k, v in _widgets(spec, args.tiny).items()
-                                                       if k != "preset"})
-    scale_of = {step: node_default.selection.top_k_scale(step, args.steps) for step in range(warmup, args.steps)}
+    # The slice above timed Top-K multiplier 1; one more slice times each other multiplier the run uses.
+    scale_of = _budget_phases(spec, args.tiny, args.steps)
+    base_top_k = patch.config.selection.top_k
     samples = {1.0: {"ms": sparse["step_ms"][1:], "kept": _kept(layers)}}
     for scale in sorted(set(scale_of.values()) - set(samples)):
         progress.set_description(f"{name}: AdaCluster, Top-K x{scale:g} steps")
-        top_k = max(1, round(node_default.selection.top_k * scale))
+        top_k = max(1, round(base_top_k * scale))
         scaled = apply_patch(base, **{**widgets, "top_k_clusters": top_k})
         extra = bench.run(scaled, s0, count)
         extra_report = comfy_adapter.find_patch(scaled).cache.report()
@@ -743,14 +741,17 @@ def targets(name: str, row: dict) -> list:
     return out
 
 
-def _extra_slices(case: Case, steps: int) -> int:
-    """Slices beyond the first that benchmark_case samples: one per further Top-K multiplier of the budget
-    schedule (the first slice covers one)."""
-    from ..config import load_preset
+def _budget_phases(spec: ModelSpec, tiny: bool, steps: int) -> dict:
+    """{step: Top-K multiplier} for every sparse step of a full run with the node's default widgets."""
+    from ...nodes.widgets import config_from_widgets
 
-    preset = load_preset(MODELS[case.model].family)
-    scales = {preset.selection.top_k_scale(step, steps) for step in range(preset.warmup_steps, steps)}
-    return max(0, len(scales) - 1)
+    config = config_from_widgets(spec.family, **{k: v for k, v in _widgets(spec, tiny).items() if k != "preset"})
+    return {step: config.selection.top_k_scale(step, steps) for step in range(config.warmup_steps, steps)}
+
+
+def _extra_slices(case: Case, tiny: bool, steps: int) -> int:
+    """Slices beyond the first that benchmark_case samples: one per Top-K multiplier other than 1."""
+    return len(set(_budget_phases(MODELS[case.model], tiny, steps).values()) - {1.0})
 
 
 def _kept(layers) -> float:
@@ -1088,7 +1089,7 @@ def _main(args) -> int:
     count = 1 + args.measure_steps
     per_case = 3 * count + (4 if args.warmup_run and cuda else 0)  # dense, AdaCluster, core node, warm-ups
     total = (len(cases) * (2 + 5 * 2 + 2) if args.vram_check else
-             sum(per_case + _extra_slices(c, args.steps) * count for _, c in cases))
+             sum(per_case + _extra_slices(c, args.tiny, args.steps) * count for _, c in cases))
     progress = _Progress(total, args.progress)
     header = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
               "torch": torch.__version__, "comfyui": comfyui_version(root), "comfyui_path": str(root),
