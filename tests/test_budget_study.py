@@ -39,8 +39,10 @@ def test_both_parts_on_a_tiny_grid(monkeypatch, tmp_path, capsys):
 
 @pytest.mark.parametrize("flags,message", [
     (["--layers", "0"], "--layers must be in [1, 64]"), (["--steps", "5"], "--steps must be in [10, 200]"),
-    (["--calibrate-at", "60"], "--calibrate-at steps must be in [0, 48]"), (["--threads", "0"], "--threads")])
+    (["--calibrate-at", "60"], "--calibrate-at steps must be in [0, 48]"), (["--threads", "0"], "--threads"),
+    (["--variants", "no-such-row"], "--variants no-such-row matches none of: preset as shipped")])
 def test_bad_flags_are_named_before_any_work(flags, message, capsys):
     with pytest.raises(SystemExit):
         bs.main(["--device", "cpu", *flags])
-    assert message in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert message in err and "workload:" not in err

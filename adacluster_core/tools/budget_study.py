@@ -236,8 +236,14 @@ def main(argv=None) -> int:
         parser.error(f"--calibrate-at steps must be in [0, {args.steps - 2}], got {args.calibrate_at}")
     if args.threads < 1:
         parser.error(f"--threads must be at least 1, got {args.threads}")
-    set_threads(args.threads)
     shape = SHAPES[args.shape]
+    every_variant = schedule_variants(shape.preset, args.steps)
+    variants = every_variant
+    if args.variants:
+        variants = {n: v for n, v in every_variant.items() if any(w in n for w in args.variants)}
+        if not variants:
+            parser.error(f"--variants {' '.join(args.variants)} matches none of: {', '.join(every_variant)}")
+    set_threads(args.threads)
     log = lambda text: print(text, file=sys.stderr, flush=True)  # noqa: E731
     workload = _workload(shape, args.layers, args.steps, args.seed, args.device)
     log(f"workload: {workload.describe()}")
@@ -252,11 +258,6 @@ def main(argv=None) -> int:
         selection_rows = selection_part(workload, shape, tuple(s + 1 for s in args.calibrate_at), log)
         write()
     if "schedule" in args.parts:
-        variants = schedule_variants(shape.preset, args.steps)
-        if args.variants:
-            variants = {n: v for n, v in variants.items() if any(w in n for w in args.variants)}
-            if not variants:
-                parser.error(f"--variants {' '.join(args.variants)} matches none of: {', '.join(schedule_variants(shape.preset, args.steps))}")
         schedule_rows = schedule_part(workload, shape, log, variants)
         write()
     print(format_tables(selection_rows, schedule_rows))
