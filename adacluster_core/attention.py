@@ -16,7 +16,7 @@ from typing import Callable, Optional
 import torch
 
 from .. import kernels
-from . import methods
+from . import graphs, methods
 from .cache import CallRecord, RunCache, Timer
 from .clustering import Clusters
 from .config import AdaClusterConfig
@@ -150,6 +150,9 @@ class SparseAttention:
         return out
 
     def _sparse(self, q, k, v, call, video, mask, total, return_lse=False):
+        graph_key = self._graph_key(q, k, v, call, video, mask, return_lse)
+        if graph_key is not None:
+            return self._sparse_replayed(q, k, v, call, video, total, return_lse, graph_key)
         planning_timer = Timer(q.device)
         plan = self.method.plan(q[:, :, video], k[:, :, video], call)
         planning_timer.stop()
@@ -160,6 +163,31 @@ class SparseAttention:
         self.cache.record(CallRecord(call.layer, call.step, True, None, total.stop(), planning_timer,
                                      kept=plan.kept, key_counts=plan.key_counts))
         return out
+
+    def _graph_key(self, q, k, v, call, video, mask, return_lse) -> Optional[tuple]:
+        """The key of a call replayed as a CUDA graph (graphs.CallGraphs), or None when it runs eagerly:
+        masks and observers always run eagerly, and the method must allow capture."""
+        if mask is not None or self.observer is not None:
+            return None
+        if not graphs.replay_allowed(self.config.cuda_graphs, q, video.stop - video.start):
+            return None
+        method_key = self.method.graph_key(call)
+        if method_key is None:
+            return None
+        shapes = tuple((tuple(t.shape), t.dtype, t.device) for t in (q, k, v))
+        return (call.layer, call.branches, call.text_len, call.text_first, return_lse, shapes, method_key)
+
+    def _sparse_replayed(self, q, k, v, call, video, total, return_lse, graph_key):
+        """A sparse call run eagerly once, then captured, then replayed (planning is not timed apart)."""
+        def whole_call(q, k, v):
+            plan = self.method.plan(q[:, :, video], k[:, :, video], call)
+            out = self._execute(q, k, v, call, video, None, plan.layout, return_lse)
+            return (*(out if return_lse else (out,)), plan.kept, plan.key_counts)
+
+        *out, kept, key_counts = self.cache.graphs.run(graph_key, (q, k, v), whole_call)
+        self.cache.record(CallRecord(call.layer, call.step, True, None, total.stop(), kept=kept,
+                                     key_counts=key_counts))
+        return tuple(out) if return_lse else out[0]
 
     def _execute(self, q, k, v, call, video, mask, layout, return_lse=False):
         """Runs a layout: video queries through it (plus the text sink), text queries densely.

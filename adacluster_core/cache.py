@@ -16,6 +16,7 @@ from typing import Hashable, Optional
 
 import torch
 
+from .graphs import CallGraphs
 from .memory import persistent_copy, store
 
 _STATE_TENSORS = ("q_centroids", "k_centroids", "k_counts", "hard", "calibration_error", "head_top_k")
@@ -107,10 +108,11 @@ def _ranges(values) -> str:
 
 
 class Timer:
-    """Wall-clock span of device work: CUDA events on CUDA (read later, no sync now), perf_counter elsewhere."""
+    """Wall-clock span of device work: CUDA events on CUDA (read later, no sync now), perf_counter elsewhere.
+    Inside a caller's CUDA-graph capture, where no device work runs now, it measures host time."""
 
     def __init__(self, device: torch.device):
-        self.cuda = device.type == "cuda"
+        self.cuda = device.type == "cuda" and not torch.cuda.is_current_stream_capturing()
         if self.cuda:
             self.begin = torch.cuda.Event(enable_timing=True)
             self.end = torch.cuda.Event(enable_timing=True)
@@ -155,6 +157,7 @@ class RunCache:
     active: bool = False
     records: list = field(default_factory=list)
     last_calibration: Optional[object] = None  # CalibrationProfile of the last finished run
+    graphs: CallGraphs = field(default_factory=CallGraphs)  # replayed sparse calls of this run
     _summary: Optional[RunReport] = field(default=None, repr=False)
 
     # ------------------------------------------------------------------ lifecycle
@@ -172,12 +175,14 @@ class RunCache:
 
         self._summary = self.report()
         self.last_calibration = profile_from_cache(self)
+        self.graphs.release()
         self.states.clear()
         self.records.clear()
         self.active = False
 
     def release(self, keep_profile: bool = False) -> None:
         """Frees everything, statistics included."""
+        self.graphs.release()
         self.states.clear()
         self.records.clear()
         self.dense_layers = None
@@ -189,8 +194,8 @@ class RunCache:
             self.profile = None
 
     def memory_bytes(self) -> int:
-        """Bytes held in tensors by the cache (centroids and statistics)."""
-        total = 0
+        """Bytes held in tensors by the cache (centroids, statistics, static buffers of replayed calls)."""
+        total = self.graphs.memory_bytes()
         for state in self.states.values():
             total += sum(t.numel() * t.element_size() for t in state.tensors())
         for rec in self.records:

@@ -50,6 +50,15 @@ class AdaCluster(SparseMethod):
         kept = selection.kept_fraction(layout, qc.labels, kc.labels)
         return Plan(layout, kept, kc.counts)
 
+    def graph_key(self, call):
+        """The step's Top-K multiplier and the branch states a captured call reads and writes in place (a state
+        replaced since is another key). None until every branch is calibrated."""
+        states = [self.cache.state(call.layer, branch) for branch in call.branches]
+        if any(s is None for s in states):
+            return None
+        return (self.config.selection.top_k_scale(call.step, call.total_steps),
+                tuple(t.data_ptr() for s in states for t in s.tensors()))
+
     def budget_candidates(self) -> tuple:
         """The per-head Top-K values the calibration step chooses from (empty: one Top-K for every head)."""
         sel = self.config.selection

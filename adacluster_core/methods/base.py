@@ -9,7 +9,7 @@ sparse), the joint text split, execution through ``kernels.execute_layout`` and 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Hashable, Optional
 
 import torch
 
@@ -76,6 +76,12 @@ class SparseMethod:
         """layer -> (score, hard) once every layer has done its pass (larger score: denser first), or None
         while the decision cannot be made yet. The default: no dense layers."""
         return {}
+
+    def graph_key(self, call) -> Optional[Hashable]:
+        """What a sparse call's work depends on besides the shapes of q, k, v, when ``plan`` can be captured in
+        a CUDA graph (no host synchronisation, persistent state written in place, ``Plan.key_counts`` set);
+        None: never captured (the default)."""
+        return None
 
     def describe(self) -> str:
         """One line for the log."""

@@ -14,10 +14,13 @@ Only a slice of the schedule is sampled; the whole run is composed from the pres
 
 * the dense run samples steps [s0, s0 + 1 + M) of the full schedule with the unpatched model;
 * the sparse run samples the same steps through the patched model with ``warmup_steps`` 1, so its first
-  step is the calibration step (dense output, clustering computed) and the M others run sparse; s0 is the
-  preset's calibration step (or the first step the core node runs sparse, when that is later);
+  step is the calibration step (dense output, clustering computed) and the others run sparse; s0 is the
+  preset's calibration step (or the first step the core node runs sparse, when that is later). The first
+  two sparse steps are the settling steps of CUDA-graph replay (each layer's call runs eagerly, then is
+  captured); the M after them are the steady steps;
 * the whole run is then (W - 1) dense steps + 1 calibration step + (S - W) sparse steps, W the preset's
-  warm-up steps and S the schedule's steps.
+  warm-up steps and S the schedule's steps; each Top-K multiplier's first sparse steps count at the
+  settling steps' times, the others at the steady steps' median.
 
 It reports dense, calibration and sparse step times (medians), the share of attention in a dense step, the
 Amdahl ceiling for the dense layers and steps the pack chose, peak VRAM, the run cache's bytes and the
@@ -49,6 +52,7 @@ from typing import Callable, Optional
 
 import torch
 
+from .. import graphs
 from ..jsonable import finite_json
 
 PACK_ROOT = Path(__file__).resolve().parents[2]
@@ -597,7 +601,7 @@ def benchmark_case(name: str, case: Case, args, device: torch.device, dtype: tor
     core_dense = bench.core_dense_steps()
     s0 = max(warmup - 1, core_dense)
     measured = args.measure_steps
-    count = 1 + measured
+    count = _slice_steps(measured)
     if s0 + count > args.steps:
         raise BenchError(f"--steps {args.steps} is too short: the measured slice needs steps {s0} to "
                          f"{s0 + count - 1} (warm-up {warmup}, core node dense steps {core_dense})")
@@ -653,14 +657,14 @@ def benchmark_case(name: str, case: Case, args, device: torch.device, dtype: tor
     # The slice above timed Top-K multiplier 1; one more slice times each other multiplier the run uses.
     scale_of = _budget_phases(spec, args.tiny, args.steps)
     base_top_k = patch.config.selection.top_k
-    samples = {1.0: {"ms": sparse["step_ms"][1:], "kept": _kept(layers)}}
+    samples = {1.0: _sample(sparse["step_ms"], layers)}
     for scale in sorted(set(scale_of.values()) - set(samples)):
         progress.set_description(f"{name}: AdaCluster, Top-K x{scale:g} steps")
         top_k = max(1, round(base_top_k * scale))
         scaled = apply_patch(base, **{**widgets, "top_k_clusters": top_k})
         extra = bench.run(scaled, s0, count)
         extra_report = comfy_adapter.find_patch(scaled).cache.report()
-        samples[scale] = {"ms": extra["step_ms"][1:], "kept": _kept(extra_report.layers if extra_report else [])}
+        samples[scale] = _sample(extra["step_ms"], extra_report.layers if extra_report else [])
         del scaled
     step_ms_by_scale = {scale: _median(v["ms"]) for scale, v in samples.items()}
     sparse_steps = list(scale_of)
@@ -672,6 +676,7 @@ def benchmark_case(name: str, case: Case, args, device: torch.device, dtype: tor
     row["adacluster"] = {
         "widgets": widgets, "step_ms": sparse["step_ms"], "calibration_step_ms": t_cal, "sparse_step_ms": t_sparse,
         "sparse_step_ms_by_top_k_scale": {f"{scale:g}": ms for scale, ms in sorted(step_ms_by_scale.items())},
+        "settling_step_ms_by_top_k_scale": {f"{scale:g}": v["settle_ms"] for scale, v in sorted(samples.items())},
         "kept_fraction_by_top_k_scale": {f"{scale:g}": v["kept"] for scale, v in sorted(samples.items())},
         "dense_layers": dense_layers, "layers": num_layers, "kept_fraction": rho,
         "sparse_calls": sum(r.sparse_calls for r in layers), "dense_reasons": report.dense_reasons if report else {},
@@ -684,7 +689,7 @@ def benchmark_case(name: str, case: Case, args, device: torch.device, dtype: tor
     }
     s = args.steps
     whole_dense = s * t_dense
-    whole_ada = (warmup - 1) * t_dense + t_cal + (s - warmup) * t_sparse
+    whole_ada = (warmup - 1) * t_dense + t_cal + _sparse_steps_ms(scale_of, samples)
     whole_ceiling = warmup * t_dense + (s - warmup) * ceiling_step
     phases = ", ".join(f"{sum(1 for v in scale_of.values() if v == scale)} at Top-K x{scale:g}"
                        for scale in sorted(step_ms_by_scale))
@@ -747,6 +752,28 @@ def _budget_phases(spec: ModelSpec, tiny: bool, steps: int) -> dict:
 
     config = config_from_widgets(spec.family, **{k: v for k, v in _widgets(spec, tiny).items() if k != "preset"})
     return {step: config.selection.top_k_scale(step, steps) for step in range(config.warmup_steps, steps)}
+
+
+def _slice_steps(measured: int) -> int:
+    """Steps of a sampled slice: the calibration step, the settling steps of CUDA-graph replay, the measured."""
+    return 1 + graphs.SETTLE_CALLS + measured
+
+
+def _sample(step_ms: list, layers) -> dict:
+    """A sparse slice's settling step times, steady step times and kept fraction."""
+    settle = 1 + graphs.SETTLE_CALLS
+    return {"settle_ms": step_ms[1:settle], "ms": step_ms[settle:], "kept": _kept(layers)}
+
+
+def _sparse_steps_ms(scale_of: dict, samples: dict) -> float:
+    """Total time of a run's sparse steps ({step: Top-K multiplier}): the first steps of each multiplier at
+    the settling times measured for its slice, the others at the slice's steady median."""
+    total, seen = 0.0, {}
+    for step in sorted(scale_of):
+        sample = samples[scale_of[step]]
+        index = seen[scale_of[step]] = seen.get(scale_of[step], -1) + 1
+        total += sample["settle_ms"][index] if index < len(sample["settle_ms"]) else _median(sample["ms"])
+    return total
 
 
 def _extra_slices(case: Case, tiny: bool, steps: int) -> int:
@@ -1086,7 +1113,7 @@ def _main(args) -> int:
             print(f"skipping {name}: this ComfyUI tree has no CogVideoX model code", file=sys.stderr)
             continue
         cases.append((name, case))
-    count = 1 + args.measure_steps
+    count = _slice_steps(args.measure_steps)
     per_case = 3 * count + (4 if args.warmup_run and cuda else 0)  # dense, AdaCluster, core node, warm-ups
     total = (len(cases) * (2 + 5 * 2 + 2) if args.vram_check else
              sum(per_case + _extra_slices(c, args.tiny, args.steps) * count for _, c in cases))
