@@ -150,7 +150,7 @@ class SparseAttention:
         return out
 
     def _sparse(self, q, k, v, call, video, mask, total, return_lse=False):
-        graph_key = self._graph_key(q, k, v, call, video, mask, return_lse)
+        graph_key = self._graph_key(q, k, v, call, mask, return_lse)
         if graph_key is not None:
             return self._sparse_replayed(q, k, v, call, video, total, return_lse, graph_key)
         planning_timer = Timer(q.device)
@@ -164,12 +164,12 @@ class SparseAttention:
                                      kept=plan.kept, key_counts=plan.key_counts))
         return out
 
-    def _graph_key(self, q, k, v, call, video, mask, return_lse) -> Optional[tuple]:
-        """The key of a call replayed as a CUDA graph (graphs.CallGraphs), or None when it runs eagerly:
-        masks and observers always run eagerly, and the method must allow capture."""
-        if mask is not None or self.observer is not None:
+    def _graph_key(self, q, k, v, call, mask, return_lse) -> Optional[tuple]:
+        """The key of a call replayed as a CUDA graph (config.cuda_graphs, graphs.CallGraphs), or None when it
+        runs eagerly: masks and observers always run eagerly, and the method must allow capture."""
+        if not self.config.cuda_graphs or mask is not None or self.observer is not None:
             return None
-        if not graphs.replay_allowed(self.config.cuda_graphs, q, video.stop - video.start):
+        if not graphs.replay_allowed(q):
             return None
         method_key = self.method.graph_key(call)
         if method_key is None:

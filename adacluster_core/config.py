@@ -111,7 +111,6 @@ SELECTION_RECIPES: dict[str, SelectionConfig] = {
 }
 DEFAULT_RECIPE = "hybrid"
 METHODS = ("adacluster", "svg2", "adaspa", "moddit")  # methods/, one module each
-CUDA_GRAPH_MODES = ("auto", "on", "off")  # graphs.replay_allowed
 
 
 @dataclass(frozen=True)
@@ -135,9 +134,8 @@ class AdaClusterConfig:
     warmup_steps: int = 3  # dense steps; the last calibrates (10: the published schedule)
     min_tokens: int = 4096  # shorter self-attention stays dense
     seed: int = 0
-    # steady sparse calls replayed as CUDA graphs: "auto" (calls small enough for launches to matter), "on",
-    # "off"; ComfyUI's --disable-cuda-graphs turns them off too
-    cuda_graphs: str = "auto"
+    # steady sparse calls replayed as CUDA graphs (graphs.py); ComfyUI's --disable-cuda-graphs overrides it
+    cuda_graphs: bool = False
     selection: SelectionConfig = field(default_factory=SelectionConfig)
 
     def __post_init__(self):
@@ -160,7 +158,8 @@ class AdaClusterConfig:
         _float_range("dense_error_threshold", self.dense_error_threshold, 0.0, 10.0)
         _int_range("warmup_steps", self.warmup_steps, 0, 10000)
         _int_range("min_tokens", self.min_tokens, 0, 1 << 30)
-        _choice("cuda_graphs", self.cuda_graphs, CUDA_GRAPH_MODES)
+        if not isinstance(self.cuda_graphs, bool):
+            raise ConfigError(f"cuda_graphs must be true or false, got {self.cuda_graphs!r}")
         if not isinstance(self.selection, SelectionConfig):
             raise ConfigError(f"selection must be a SelectionConfig, got {type(self.selection).__name__}")
         self.selection.validate()

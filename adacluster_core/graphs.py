@@ -7,9 +7,9 @@ Replaying the whole call as one CUDA graph removes that cost. ``CallGraphs`` doe
 * the first call of a key runs eagerly (it compiles the kernels and settles every persistent buffer);
   the second is captured; later ones replay. A key names everything the captured work depends on
   besides tensor contents: layer, branches, shapes, dtypes, device and the method's own step key.
-* a graph reads its inputs from static buffers shared by every graph of the same shapes, and writes its
-  outputs into static buffers of its own that live outside the graphs' pool, so no pool memory is alive
-  between replays: all graphs share one pool, and any replay order is safe. Callers get copies.
+* a graph reads its inputs from static buffers and writes its outputs into static buffers, shared by every
+  graph of the same shapes and allocated outside the graphs' pool, so no pool memory is alive between
+  replays: all graphs share one pool, and any replay order is safe. Callers get copies of the outputs.
 * persistent state (centroids, counts) is written in place by the captured work (``memory.store``), so a
   replay updates the same tensors an eager call would.
 * a capture that fails disables graphs for that key, and the call runs eagerly.
@@ -40,7 +40,7 @@ class _Entry:
 class CallGraphs:
     def __init__(self):
         self._entries: dict = {}  # key -> output specs of its eager call, _FAILED or _Entry
-        self._inputs: dict = {}  # (position, shape, dtype, device) -> static input buffer shared by graphs
+        self._buffers: dict = {}  # (role, position, shape, dtype, device) -> static buffer shared by graphs
         self._pool = None
         self._streams: dict = {}  # device -> capture stream
         self.replays = 0
@@ -68,11 +68,13 @@ class CallGraphs:
     def _capture(self, key, inputs, fn, output_specs) -> Optional[_Entry]:
         device = inputs[0].device
         with allocation_scope():  # graph memory outlives the call: keep it out of ComfyUI's allocation graph
-            static_inputs = tuple(self._static_input(position, t) for position, t in enumerate(inputs))
+            static_inputs = tuple(self._static("in", position, t.shape, t.dtype, device, like=t)
+                                  for position, t in enumerate(inputs))
             for static, tensor in zip(static_inputs, inputs):
                 static.copy_(tensor)
             # allocated before capturing, so outside the graphs' pool: they hold the results between replays
-            outputs = tuple(torch.empty(shape, dtype=dtype, device=device) for shape, dtype in output_specs)
+            outputs = tuple(self._static("out", position, shape, dtype, device)
+                            for position, (shape, dtype) in enumerate(output_specs))
             if self._pool is None:
                 self._pool = torch.cuda.graph_pool_handle()
             stream = self._streams.get(device)
@@ -103,18 +105,19 @@ class CallGraphs:
         self.captures += 1
         return entry
 
-    def _static_input(self, position: int, t: torch.Tensor) -> torch.Tensor:
-        index = (position, tuple(t.shape), t.dtype, t.device)
-        buffer = self._inputs.get(index)
-        if buffer is None:  # same strides as the caller's tensor where it is dense, so the copy is plain
-            buffer = self._inputs[index] = torch.empty_like(t)
+    def _static(self, role: str, position: int, shape, dtype, device, like: Optional[torch.Tensor] = None):
+        """The static buffer of an input or output position and shape, shared by every graph: replays run one at
+        a time and callers get copies of the outputs, so graphs never need their own."""
+        index = (role, position, tuple(shape), dtype, device)
+        buffer = self._buffers.get(index)
+        if buffer is None:  # inputs keep the caller's strides where they are dense, so the copy is plain
+            buffer = torch.empty_like(like) if like is not None else torch.empty(shape, dtype=dtype, device=device)
+            self._buffers[index] = buffer
         return buffer
 
     def memory_bytes(self) -> int:
         """Bytes of the static buffers (the graphs' pool is counted by the allocator)."""
-        tensors = list(self._inputs.values())
-        tensors += [t for e in self._entries.values() if isinstance(e, _Entry) for t in e.outputs]
-        return sum(t.numel() * t.element_size() for t in tensors)
+        return sum(t.numel() * t.element_size() for t in self._buffers.values())
 
     def release(self) -> None:
         """Drops every graph, their pool and the static buffers."""
@@ -122,25 +125,16 @@ class CallGraphs:
             if isinstance(entry, _Entry):
                 entry.graph.reset()
         self._entries.clear()
-        self._inputs.clear()
+        self._buffers.clear()
         self._pool = None
         self.replays = self.captures = 0
 
 
-# "auto" replays calls of at most this many video query rows (batch x heads x tokens): up to Wan 1.3B 720p
-# with both guidance branches, or Wan 14B 480p with one. Larger calls spend a few percent in launches, less
-# than the static buffers would cost in memory.
-AUTO_MAX_ROWS = 1 << 21
-
-
-def replay_allowed(mode: str, q: torch.Tensor, video_tokens: int) -> bool:
-    """Whether a sparse call on q (B, H, N, d) may be replayed as a CUDA graph under ``mode`` (one of
-    config.CUDA_GRAPH_MODES)."""
-    if mode == "off" or q.device.type != "cuda" or torch.cuda.is_current_stream_capturing():
+def replay_allowed(q: torch.Tensor) -> bool:
+    """Whether a sparse call on q may be replayed as a CUDA graph now (when the config asks for it)."""
+    if q.device.type != "cuda" or torch.cuda.is_current_stream_capturing():
         return False
-    if comfyui_disables_cuda_graphs():
-        return False
-    return mode == "on" or q.shape[0] * q.shape[1] * video_tokens <= AUTO_MAX_ROWS
+    return not comfyui_disables_cuda_graphs()
 
 
 def comfyui_disables_cuda_graphs() -> bool:

@@ -28,7 +28,7 @@ from qkv_data import structured_qkv  # noqa: E402
 STEPS = 12  # warm-up 1 (calibration); the default's 3x Top-K on steps 1-2, 1x on steps 3-11
 
 
-def config(graphs: str, recipe: str = "hybrid"):
+def config(graphs: bool, recipe: str = "hybrid"):
     return load_preset("wan", recipe=recipe, warmup_steps=1, dense_layer_fraction=0.0, min_tokens=256,
                        initial_key_clusters=24, query_clusters=17, cuda_graphs=graphs)
 
@@ -65,8 +65,8 @@ def rel_l2(a, b):
     (2, 2, 1301, 128, torch.bfloat16, 0, False, "svg2"),
 ])
 def test_replayed_calls_match_eager_calls(batch, heads, n, d, dtype, text_len, text_first, recipe):
-    eager, eager_runner = run("off", batch, heads, n, d, dtype, text_len, text_first, recipe=recipe)
-    replayed, runner = run("on", batch, heads, n, d, dtype, text_len, text_first, recipe=recipe)
+    eager, eager_runner = run(False, batch, heads, n, d, dtype, text_len, text_first, recipe=recipe)
+    replayed, runner = run(True, batch, heads, n, d, dtype, text_len, text_first, recipe=recipe)
     graphs = runner.cache.graphs
     # per layer and Top-K multiplier: the first call runs eagerly, the second is captured (and replayed)
     scales = [runner.config.selection.top_k_scale(step, STEPS) for step in range(1, STEPS)]
@@ -88,7 +88,8 @@ def test_replayed_calls_match_eager_calls(batch, heads, n, d, dtype, text_len, t
 def test_graph_memory_is_released_with_the_run():
     torch.cuda.synchronize()
     baseline = torch.cuda.memory_allocated()
-    _, runner = run("on", 2, 3, 2311, 128, torch.bfloat16)
+    outputs, runner = run(True, 2, 3, 2311, 128, torch.bfloat16)
+    del outputs
     assert runner.cache.graphs.memory_bytes() > 0
     runner.cache.end_run()
     torch.cuda.synchronize()
@@ -104,10 +105,10 @@ def test_a_call_that_cannot_be_captured_runs_eagerly(monkeypatch, caplog):
         float(result.kept.sum())  # a host synchronisation: not allowed while capturing
         return result
 
-    eager, _ = run("off", 1, 2, 1409, 128, torch.bfloat16)
+    eager, _ = run(False, 1, 2, 1409, 128, torch.bfloat16)
     monkeypatch.setattr(AdaCluster, "plan", plan_with_host_sync)
     with caplog.at_level(logging.WARNING):
-        out, runner = run("on", 1, 2, 1409, 128, torch.bfloat16)
+        out, runner = run(True, 1, 2, 1409, 128, torch.bfloat16)
     assert "capture failed" in caplog.text
     assert runner.cache.graphs.replays == 0
     for a, b in zip(out, eager):
@@ -119,7 +120,7 @@ def test_calls_inside_an_outer_capture_are_not_captured_again():
     q, k, v = fresh_inputs(0, 1, 2, 1601, 128, torch.bfloat16, seed=3)
     cache = RunCache()
     cache.start_run(STEPS)
-    runner = SparseAttention(config("on"), cache)
+    runner = SparseAttention(config(True), cache)
     dense = lambda: dense_attention(q, k, v)  # noqa: E731
     runner(q, k, v, CallInfo(0, 0, STEPS, (0,)), dense=dense)  # calibration
     runner(q, k, v, CallInfo(0, 3, STEPS, (0,)), dense=dense)  # eager: compiles the kernels

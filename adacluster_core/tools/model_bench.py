@@ -581,9 +581,11 @@ def relative_error(x: torch.Tensor, reference: torch.Tensor) -> float:
     return float((x - reference).norm() / reference.norm().clamp_min(1e-30))
 
 
-def _widgets(spec: ModelSpec, tiny: bool, **changes) -> dict:
-    """The AdaCluster node's widget values: the preset's defaults, the tiny clusterings with --tiny."""
-    return {"preset": spec.family, **(TINY_WIDGETS if tiny else {}), **changes}
+def _widgets(spec: ModelSpec, tiny: bool, cuda_graphs: bool = False, **changes) -> dict:
+    """The AdaCluster node's widget values: the preset's defaults, the tiny clusterings with --tiny, the
+    "CUDA graphs" widget on with --cuda-graphs."""
+    return {"preset": spec.family, **(TINY_WIDGETS if tiny else {}), **({"cuda_graphs": True} if cuda_graphs else {}),
+            **changes}
 
 
 def benchmark_case(name: str, case: Case, args, device: torch.device, dtype: torch.dtype, progress) -> dict:
@@ -634,7 +636,7 @@ def benchmark_case(name: str, case: Case, args, device: torch.device, dtype: tor
     # AdaCluster through the node's own code path, warm-up 1: the first sampled step calibrates.
     # A sampled slice is a run of its own to the node (its steps count from 0), so each slice runs one Top-K
     # on every step, and the budget schedule's multipliers are timed one slice each (base Top-K x multiplier).
-    widgets = _widgets(spec, args.tiny, warmup_steps=1, budget_schedule=BUDGET_CONSTANT)
+    widgets = _widgets(spec, args.tiny, args.cuda_graphs, warmup_steps=1, budget_schedule=BUDGET_CONSTANT)
     patched = apply_patch(base, **widgets)
     patch = comfy_adapter.find_patch(patched)
     if patch is None:
@@ -836,7 +838,7 @@ def vram_check(name: str, case: Case, args, device: torch.device, dtype: torch.d
     progress.set_description(f"VRAM check {name}: dense run")
     dense = bench.run(base, 0, 2)  # also settles the model on the device and the library workspaces
     baseline = allocated()
-    patched = apply_patch(base, **_widgets(spec, args.tiny, warmup_steps=1))
+    patched = apply_patch(base, **_widgets(spec, args.tiny, args.cuda_graphs, warmup_steps=1))
     patch = comfy_adapter.find_patch(patched)
     runs, failures = [], []
     for i in range(5):
@@ -1063,6 +1065,8 @@ def parse_args(argv=None):
     p.add_argument("--dynamic-vram", action="store_true",
                    help="load through ComfyUI's DynamicVRAM model patcher (comfy-aimdo), which ComfyUI's main.py "
                    "turns on by default on NVIDIA GPUs; without it the classic ModelPatcher loads the model")
+    p.add_argument("--cuda-graphs", action="store_true",
+                   help="turn the node's 'CUDA graphs' widget on (steady sparse calls replayed as CUDA graphs)")
     p.add_argument("--out", default="output/model_bench", help="folder for the JSON and PNG files")
     p.add_argument("--no-progress", dest="progress", action="store_false")
     args = p.parse_args(argv)
@@ -1120,7 +1124,7 @@ def _main(args) -> int:
     progress = _Progress(total, args.progress)
     header = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
               "torch": torch.__version__, "comfyui": comfyui_version(root), "comfyui_path": str(root),
-              "dtype": str(dtype).replace("torch.", ""), "tiny": args.tiny}
+              "dtype": str(dtype).replace("torch.", ""), "tiny": args.tiny, "cuda_graphs": args.cuda_graphs}
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     stamp = time.strftime("%Y%m%d-%H%M%S")
@@ -1143,7 +1147,9 @@ def _main(args) -> int:
                         "Random-weight fidelity is the latent's relative error against dense from the same seed "
                         "with random weights: it says little about the quality with real weights.",
                         f"cfg {args.cfg:g}: " + ("one branch per step." if args.cfg == 1 else
-                                                 "cond and uncond per step.")]}
+                                                 "cond and uncond per step."),
+                        "CUDA graphs: " + ("on (steady sparse calls replayed as CUDA graphs)." if args.cuda_graphs
+                                           else "off (the node's default).")]}
     print(f"{header['device']}, torch {header['torch']}, ComfyUI {header['comfyui']}, {header['dtype']}")
     print(format_table(rows))
     for note in result["notes"]:
