@@ -42,7 +42,6 @@ class CallGraphs:
         self._entries: dict = {}  # key -> output specs of its eager call, _FAILED or _Entry
         self._buffers: dict = {}  # (role, position, shape, dtype, device) -> static buffer shared by graphs
         self._pool = None
-        self._streams: dict = {}  # device -> capture stream
         self.replays = 0
         self.captures = 0
 
@@ -77,9 +76,7 @@ class CallGraphs:
                             for position, (shape, dtype) in enumerate(output_specs))
             if self._pool is None:
                 self._pool = torch.cuda.graph_pool_handle()
-            stream = self._streams.get(device)
-            if stream is None:
-                stream = self._streams[device] = torch.cuda.Stream(device=device)
+            stream = capture_stream(device)
             graph = torch.cuda.CUDAGraph()
             stream.wait_stream(torch.cuda.current_stream(device))
             try:
@@ -128,6 +125,23 @@ class CallGraphs:
         self._buffers.clear()
         self._pool = None
         self.replays = self.captures = 0
+
+
+_CAPTURE_STREAMS: dict = {}  # device -> the stream graphs are captured on, one per process
+
+
+def capture_stream(device: torch.device) -> torch.cuda.Stream:
+    """The capture stream of a device. Made once per process: cuBLAS keeps a workspace per stream, which is
+    allocated here by a first matrix product, outside any capture and outside ComfyUI's allocation graph."""
+    stream = _CAPTURE_STREAMS.get(device)
+    if stream is None:
+        stream = torch.cuda.Stream(device=device)
+        with allocation_scope(), torch.cuda.stream(stream):
+            one = torch.ones(2, 2, device=device)
+            torch.addmm(one, one, one)
+        torch.cuda.current_stream(device).wait_stream(stream)
+        _CAPTURE_STREAMS[device] = stream
+    return stream
 
 
 def replay_allowed(q: torch.Tensor) -> bool:

@@ -44,7 +44,9 @@ def test_tiny_benchmark_runs_every_family(tmp_path):
     for row in data["cases"]:
         dense, ada, whole = row["dense"], row["adacluster"], row["whole_run"]
         assert dense["backend"].startswith("comfy attention_")
-        assert len(dense["step_ms"]) == 1 + data["measure_steps"] == len(ada["step_ms"])
+        # calibration step, the settling steps of CUDA-graph replay, the measured steps
+        assert len(dense["step_ms"]) == 1 + 2 + data["measure_steps"] == len(ada["step_ms"])
+        assert all(len(ms) == 2 for ms in ada["settling_step_ms_by_top_k_scale"].values())
         assert 0 < dense["self_attention_share"] <= dense["attention_share"] < 1
         assert ada["sparse_calls"] > 0 and 0 < ada["kept_fraction"] < 1
         # dense layers by measured error (at most the preset's share) plus hard layers: never all of them
@@ -63,6 +65,13 @@ def test_tiny_benchmark_runs_every_family(tmp_path):
         assert row["core_sparse"]["available"] or "sol_attn" in row["core_sparse"]["note"]
     assert "composed from the preset's schedule" in result.stdout
     assert "random-weight fidelity" in result.stdout and "says little about real quality" in result.stdout
+
+
+def test_whole_run_counts_each_multiplier_first_steps_at_their_settling_times():
+    samples = {1.0: {"settle_ms": [50.0, 40.0], "ms": [10.0, 12.0, 11.0]}, 3.0: {"settle_ms": [90.0, 70.0], "ms": [30.0]}}
+    scale_of = {3: 3.0, 4: 3.0, 5: 3.0, 6: 1.0, 7: 1.0, 8: 1.0, 9: 1.0}
+    assert model_bench._sparse_steps_ms(scale_of, samples) == 90 + 70 + 30 + 50 + 40 + 11 + 11
+    assert model_bench._slice_steps(3) == 1 + 2 + 3
 
 
 @needs_comfyui
