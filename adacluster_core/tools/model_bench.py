@@ -706,7 +706,7 @@ def benchmark_case(name: str, case: Case, args, device: torch.device, dtype: tor
     gc.collect()
 
     # ComfyUI core's sparse node, emulated with its defaults.
-    sol, why_not = sol_attn_function()
+    sol, why_not = sol_attn_function() if args.core else (None, "not run (--no-core)")
     if sol is None:
         row["core_sparse"] = {"available": False, "note": why_not}
     else:
@@ -1065,6 +1065,7 @@ def parse_args(argv=None):
     p.add_argument("--dynamic-vram", action="store_true",
                    help="load through ComfyUI's DynamicVRAM model patcher (comfy-aimdo), which ComfyUI's main.py "
                    "turns on by default on NVIDIA GPUs; without it the classic ModelPatcher loads the model")
+    p.add_argument("--no-core", dest="core", action="store_false", help="skip the core sparse node's row")
     p.add_argument("--cuda-graphs", action="store_true",
                    help="turn the node's 'CUDA graphs' widget on (steady sparse calls replayed as CUDA graphs)")
     p.add_argument("--out", default="output/model_bench", help="folder for the JSON and PNG files")
@@ -1118,7 +1119,8 @@ def _main(args) -> int:
             continue
         cases.append((name, case))
     count = _slice_steps(args.measure_steps)
-    per_case = 3 * count + (4 if args.warmup_run and cuda else 0)  # dense, AdaCluster, core node, warm-ups
+    # dense, AdaCluster, core node, warm-ups
+    per_case = (3 if args.core else 2) * count + ((4 if args.core else 3) if args.warmup_run and cuda else 0)
     total = (len(cases) * (2 + 5 * 2 + 2) if args.vram_check else
              sum(per_case + _extra_slices(c, args.tiny, args.steps) * count for _, c in cases))
     progress = _Progress(total, args.progress)
