@@ -36,6 +36,7 @@ class CallInfo:
     mask: Optional[torch.Tensor] = None  # additive or bool mask over keys, broadcastable to (B, H, N, N)
     grid: Optional[tuple] = None  # (frames, height, width) of the video tokens after patching, when known
     heads: Optional[tuple] = None  # model-wide index of each head of q (sequence parallelism); None: 0..H-1
+    progress: Optional[float] = None  # denoising progress of the step by noise level (0 noise .. 1 clean), if known
 
 
 class SparseAttention:

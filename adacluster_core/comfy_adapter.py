@@ -137,6 +137,7 @@ class AdaClusterPatch:
         # method: a callable RunCache -> SparseMethod (AdaSpa, MOD-DiT with their settings); None: config.method
         self.sparse = SparseAttention(config, self.cache, method=method(self.cache) if method is not None else None)
         self._run_sigmas: Optional[list] = None
+        self._run_progress: Optional[list] = None  # each step's denoising progress by noise level
         self._logged: set = set()
         self._local = threading.local()
         self.last_error: Optional[str] = None
@@ -232,7 +233,7 @@ class AdaClusterPatch:
             return None
         return CallInfo(layer=layer, step=state["step"], total_steps=state["total_steps"], branches=branches,
                         text_len=text_len, text_first=text_first, mask=_mask_4d(mask),
-                        grid=state.get("grid"))
+                        grid=state.get("grid"), progress=state.get("progress"))
 
     def _wan_layout(self, n: int, options, state) -> Optional[tuple]:
         """(extra tokens, extra tokens first) of a Wan self-attention sequence, None when it must stay dense.
@@ -315,6 +316,7 @@ class AdaClusterPatch:
                                                         self.family.patch_size)
         options[CALL_KEY] = {
             "patch": self, "count": 0, "step": step, "total_steps": len(self._run_sigmas) - 1,
+            "progress": self._run_progress[step] if self._run_progress else None,
             "branches": branch_keys(x.shape[0], options.get("cond_or_uncond"), options.get("uuids"), x.device),
             "text_len": text_len, "video_tokens": video_tokens, "extra_first": extra_first,
             "extra_last": extra_last, "grid": video_grid(x, self.family.patch_size),
@@ -332,6 +334,7 @@ class AdaClusterPatch:
             return executor(*args, **kwargs)
         self.cache.start_run(len(sigmas) - 1)
         self._run_sigmas = sigmas
+        self._run_progress = _run_noise_progress(executor, sigmas)
         self.last_error = None
         try:
             return executor(*args, **kwargs)
@@ -339,7 +342,7 @@ class AdaClusterPatch:
             self.last_error = f"{type(exc).__name__}: {exc}".strip()
             raise
         finally:
-            self._run_sigmas = None
+            self._run_sigmas = self._run_progress = None
             held = self.cache.memory_bytes()
             self.cache.end_run()
             if self.last_error is not None:
@@ -407,6 +410,20 @@ def _wan_extra_tokens(dm, kwargs, patch) -> tuple:  # (Optional[int], int)
     for latent in kwargs.get("context_latents") or ():
         after += video_token_count(latent, patch) if isinstance(latent, torch.Tensor) else 0
     return before, after
+
+
+def _run_noise_progress(executor, sigmas: list) -> Optional[list]:
+    """Each step's denoising progress by noise level, from the model's sampling (the guider's model, through
+    the OUTER_SAMPLE executor); None where it cannot be read (the budget schedule then counts steps)."""
+    from .schedule import noise_progress
+
+    patcher = getattr(getattr(executor, "class_obj", None), "model_patcher", None)
+    try:
+        sampling = patcher.get_model_object("model_sampling")
+        return noise_progress(sampling.percent_to_sigma, sigmas)
+    except Exception as error:  # noqa: BLE001 - an unknown sampling object: fall back to step counts
+        log.debug("[AdaCluster] no noise progress for this run (%s: %s)", type(error).__name__, error)
+        return None
 
 
 def _bound_argument(executor, args, kwargs, name):

@@ -9,7 +9,7 @@ import dataclasses
 import math
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Optional
 
 PRESET_DIR = Path(__file__).with_name("presets")
 MODEL_FAMILIES = ("wan", "hunyuan_video", "cogvideox")
@@ -57,9 +57,10 @@ class SelectionConfig:
     # follows how concentrated the head's attention is; 0 (default): the same top_k for every head. Measured
     # on the main command's workload it lands on the fixed Top-K curve (no fewer keys at equal error; README).
     head_budget_error: float = 0.0
-    # Budget schedule over the sampler steps: attention is more spread out at high noise, so the Top-K is
-    # scaled by high_noise_top_k_scale on the first noise_phase_fraction of the steps and by
+    # Budget schedule over the denoising: attention is more spread out at high noise, so the Top-K is
+    # scaled by high_noise_top_k_scale on the first noise_phase_fraction of the denoising and by
     # low_noise_top_k_scale on the last noise_phase_fraction (1 and 1: the same Top-K on every step).
+    # Measured by noise level where the sampler's schedule is known (top_k_scale), else by step count.
     # Three times the Top-K on the first quarter lets sparse steps start at step 3 of 50 with no higher error
     # at high, middle or low noise than 10 dense warm-up steps (README, "Budget and schedule").
     high_noise_top_k_scale: float = 3.0
@@ -69,9 +70,11 @@ class SelectionConfig:
     def __post_init__(self):
         self.validate()
 
-    def top_k_scale(self, step: int, total_steps: int) -> float:
-        """The budget schedule's Top-K multiplier at a sampler step (0-based) of a run of total_steps."""
-        progress = step / max(1, total_steps)
+    def top_k_scale(self, step: int, total_steps: int, progress: Optional[float] = None) -> float:
+        """The budget schedule's Top-K multiplier at a sampler step (0-based) of a run of total_steps.
+        ``progress``: the step's denoising progress by noise level (schedule.noise_progress) where the run
+        knows it; else the step's share of the run's steps."""
+        progress = step / max(1, total_steps) if progress is None else progress
         if progress < self.noise_phase_fraction:
             return self.high_noise_top_k_scale
         if progress >= 1.0 - self.noise_phase_fraction:

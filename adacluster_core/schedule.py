@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from enum import Enum
-from typing import Sequence
+from typing import Callable, Sequence
 
 
 class Phase(Enum):
@@ -31,6 +31,25 @@ def step_from_sigmas(sigma: float, sample_sigmas: Sequence[float]) -> int:
     # Outside the schedule: nearest schedule point, clamped to a valid step.
     nearest = min(range(len(sigmas)), key=lambda i: abs(sigmas[i] - sigma))
     return min(nearest, steps - 1)
+
+
+def noise_progress(percent_to_sigma: Callable[[float], float], sample_sigmas: Sequence[float]) -> list:
+    """Each step's denoising progress by noise level, in [0, 1]: the percent p of the model's sampling at the
+    step's first sigma (``percent_to_sigma(p)`` equals it; 0 is pure noise, 1 clean), the scale of
+    ComfyUI's start/end percent inputs. A run that covers only part of a schedule (KSamplerAdvanced's
+    start/end steps, the two experts of Wan 2.2) so knows where its steps lie; for a whole run with evenly
+    spaced timesteps it is step / steps."""
+    progress = []
+    for sigma in list(sample_sigmas)[:-1]:
+        low, high = 0.0, 1.0  # percent_to_sigma decreases from pure noise (0) to clean (1)
+        for _ in range(30):
+            middle = 0.5 * (low + high)
+            if float(percent_to_sigma(middle)) > float(sigma):
+                low = middle
+            else:
+                high = middle
+        progress.append(round(0.5 * (low + high), 6))
+    return progress
 
 
 def phase_of(step: int, warmup_steps: int) -> Phase:

@@ -230,3 +230,26 @@ def test_allocation_scope_is_a_no_op_without_the_compiler(monkeypatch):
     kept = memory.store(copy, t * 2)
     assert kept is copy and torch.equal(copy, t * 2)
     assert memory.store(copy, torch.randn(2, 2)) is not copy
+
+
+@pytest.mark.parametrize("sampling", [SimpleNamespace(percent_to_sigma=lambda p: 1.0 - p), None])
+def test_a_run_over_part_of_the_schedule_reads_its_noise_level(sampling):
+    """KSamplerAdvanced over the second half of a schedule (as the low-noise Wan 2.2 expert runs): the step's
+    noise level reaches the runner; without a readable model sampling the schedule counts steps."""
+    patch = adapter.AdaClusterPatch(WAN, from_dict(dict(warmup_steps=0, min_tokens=16, query_clusters=4,
+                                                        initial_key_clusters=6, max_stages=3)))
+    patch.sparse = Spy(patch.sparse)
+    patcher = SimpleNamespace(get_model_object=lambda name: {"model_sampling": sampling}[name])
+
+    def outer_sample(noise, latent, sampler, sigmas):
+        _model_call(patch, 2, 8, 8)
+
+    outer_sample.class_obj = SimpleNamespace(model_patcher=patcher)
+    patch.outer_sample_wrapper(outer_sample, None, None, None, torch.tensor([0.5, 0.25, 0.0]))
+    (call,) = patch.sparse.calls
+    if sampling is None:
+        assert call.progress is None
+        assert patch.config.selection.top_k_scale(call.step, call.total_steps, call.progress) == 3.0
+    else:
+        assert call.step == 0 and call.progress == pytest.approx(0.5)
+        assert patch.config.selection.top_k_scale(call.step, call.total_steps, call.progress) == 1.0

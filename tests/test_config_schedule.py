@@ -4,7 +4,7 @@ import pytest
 from comfyui_adacluster.adacluster_core.config import (ConfigError, MODEL_FAMILIES, SELECTION_RECIPES,
                                                       AdaClusterConfig, SelectionConfig, from_dict, load_preset,
                                                       to_dict)
-from comfyui_adacluster.adacluster_core.schedule import Phase, phase_of, step_from_sigmas
+from comfyui_adacluster.adacluster_core.schedule import Phase, noise_progress, phase_of, step_from_sigmas
 
 
 @pytest.mark.parametrize("values,message", [
@@ -76,7 +76,34 @@ def test_budget_schedule_scales_top_k_by_noise_phase():
     scales = [sel.top_k_scale(step, 20) for step in range(20)]
     assert scales == [2.0] * 5 + [1.0] * 10 + [0.5] * 5
     assert all(SELECTION_RECIPES[name].top_k_scale(0, 50) == 1.0 for name in ("paper", "svg2"))
+    # by noise level where the run knows it: a run over the second half of a schedule has no high-noise steps
+    assert [sel.top_k_scale(step, 10, 0.5 + step / 20) for step in range(10)] == [1.0] * 5 + [0.5] * 5
     with pytest.raises(ConfigError, match=r"selection.high_noise_top_k_scale = 0 .*\(0.0, 16.0\]"):
         from_dict({"selection.high_noise_top_k_scale": 0})
     with pytest.raises(ConfigError, match=r"selection.noise_phase_fraction = 0.6 .*\[0.0, 0.5\]"):
         from_dict({"selection.noise_phase_fraction": 0.6})
+
+
+def flow_percent_to_sigma(shift):
+    """Shifted flow matching (Wan, HunyuanVideo in ComfyUI): sigma at denoising percent p."""
+    return lambda p: 1.0 if p <= 0 else 0.0 if p >= 1 else shift * (1 - p) / (1 + (shift - 1) * (1 - p))
+
+
+def simple_schedule(shift, steps, start=0, end=None):
+    """ComfyUI's 'simple' scheduler over 1000 timesteps, optionally cut to steps [start, end) as
+    KSamplerAdvanced does."""
+    table = [flow_percent_to_sigma(shift)(1 - t / 1000) for t in range(1, 1001)]
+    sigmas = [table[-(1 + int(x * 1000 / steps))] for x in range(steps)] + [0.0]
+    return sigmas[start:(steps if end is None else end) + 1]
+
+
+def test_noise_progress_is_the_step_share_of_a_whole_run_and_the_covered_part_of_a_cut_one():
+    percent_to_sigma = flow_percent_to_sigma(8.0)
+    whole = noise_progress(percent_to_sigma, simple_schedule(8.0, 50))
+    assert whole == pytest.approx([i / 50 for i in range(50)], abs=1e-6)
+    second_half = noise_progress(percent_to_sigma, simple_schedule(8.0, 20, start=10))
+    assert second_half == pytest.approx([0.5 + i / 20 for i in range(10)], abs=1e-6)
+    sel = SelectionConfig()
+    assert {sel.top_k_scale(i, 10, p) for i, p in enumerate(second_half)} == {1.0}  # no high-noise steps
+    first_half = noise_progress(percent_to_sigma, simple_schedule(8.0, 20, end=10))
+    assert [sel.top_k_scale(i, 10, p) for i, p in enumerate(first_half)] == [3.0] * 5 + [1.0] * 5

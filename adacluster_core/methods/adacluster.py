@@ -42,7 +42,7 @@ class AdaCluster(SparseMethod):
         top_k = None
         if all(s.head_top_k is not None for s in states):
             top_k = torch.stack([s.head_top_k for s in states])
-        scale = sel.top_k_scale(call.step, call.total_steps)
+        scale = sel.top_k_scale(call.step, call.total_steps, call.progress)
         if scale != 1.0:
             base = top_k if top_k is not None else torch.full((q.shape[0], q.shape[1]), sel.top_k, device=q.device)
             top_k = (base * scale).round().clamp_min(1).long()
@@ -56,7 +56,7 @@ class AdaCluster(SparseMethod):
         states = [self.cache.state(call.layer, branch) for branch in call.branches]
         if any(s is None for s in states):
             return None
-        return (self.config.selection.top_k_scale(call.step, call.total_steps),
+        return (self.config.selection.top_k_scale(call.step, call.total_steps, call.progress),
                 tuple(t.data_ptr() for s in states for t in s.tensors()))
 
     def budget_candidates(self) -> tuple:
@@ -107,7 +107,7 @@ class AdaCluster(SparseMethod):
         c = self.config
         sel = c.selection
         budget = "" if (sel.high_noise_top_k_scale, sel.low_noise_top_k_scale) == (1.0, 1.0) else (
-            f" (x{sel.high_noise_top_k_scale:g} on the first {sel.noise_phase_fraction:.0%} of the steps, "
+            f" (x{sel.high_noise_top_k_scale:g} on the first {sel.noise_phase_fraction:.0%} of the denoising, "
             f"x{sel.low_noise_top_k_scale:g} on the last {sel.noise_phase_fraction:.0%})")
         return (f"method {self.name}, recipe {c.recipe}, query clusters {c.query_clusters}, initial key clusters "
                 f"{c.initial_key_clusters}, threshold {c.sparsity_threshold}, top-k {sel.top_k}{budget}, warm-up "
