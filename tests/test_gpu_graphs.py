@@ -7,16 +7,9 @@ import logging
 import pytest
 import torch
 
-try:
-    import triton  # noqa: F401
-    HAVE_TRITON = True
-except ImportError:
-    HAVE_TRITON = False
-
 if not torch.cuda.is_available():
     pytest.skip("CUDA-graph tests need CUDA (torch.cuda.is_available() is False)", allow_module_level=True)
-if not HAVE_TRITON:
-    pytest.skip("CUDA-graph tests need Triton (import triton failed)", allow_module_level=True)
+pytest.importorskip("triton", reason="CUDA-graph tests need Triton")
 
 from comfyui_adacluster.adacluster_core.attention import CallInfo, SparseAttention  # noqa: E402
 from comfyui_adacluster.adacluster_core.cache import RunCache  # noqa: E402
