@@ -1,8 +1,11 @@
-"""CUDA-graph replay of steady sparse calls.
+"""CUDA-graph replay of steady sparse calls (``config.cuda_graphs``, the node's "CUDA graphs" widget; off by
+default).
 
 At 480p a sparse call is a few milliseconds of GPU work spread over about a hundred kernel launches
-(clustering round, statistics, selection, tables, attention), so launching costs as much as computing.
-Replaying the whole call as one CUDA graph removes that cost. ``CallGraphs`` does it for the runner:
+(clustering round, statistics, selection, tables, attention). Where the host cannot stay ahead of the GPU
+(one call timed alone, a slow host), launching costs as much as computing; replaying the whole call as one
+CUDA graph removes that cost, for static buffers of a few copies of one layer's tensors. Inside a model run
+the host mostly stays ahead, which is why it is opt-in. ``CallGraphs`` does it for the runner:
 
 * the first call of a key runs eagerly (it compiles the kernels and settles every persistent buffer);
   the second is captured; later ones replay. A key names everything the captured work depends on
