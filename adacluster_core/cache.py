@@ -68,6 +68,8 @@ class RunReport:
     steps: list  # [{"step": s, "sparse_calls": n, "dense_calls": m}]
     dense_reasons: dict
     total_time_ms: float
+    replayed_calls: int = 0  # sparse calls replayed as CUDA graphs (config.cuda_graphs)
+    captured_graphs: int = 0
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -84,6 +86,8 @@ class RunReport:
         lines.append(f"dense layers: {_ranges(dense_layers) if dense_layers else 'none'}")
         for reason, count in sorted(self.dense_reasons.items()):
             lines.append(f"dense because {reason}: {count} calls")
+        if self.captured_graphs:
+            lines.append(f"CUDA graphs: {self.captured_graphs} captured, {self.replayed_calls} sparse calls replayed")
         lines.append("layer  sparse  dense  kept%  key clusters  time ms  clustering ms")
         for r in self.layers:
             kept = "   -" if r.kept_fraction != r.kept_fraction else f"{100 * r.kept_fraction:5.1f}"
@@ -280,4 +284,4 @@ class RunCache:
             ))
         step_rows = [{"step": s, "sparse_calls": v[0], "dense_calls": v[1]} for s, v in sorted(steps.items())]
         return RunReport(self.method, self.total_steps, layers, step_rows, dict(reasons),
-                         sum(r.time_ms for r in layers))
+                         sum(r.time_ms for r in layers), self.graphs.replays, self.graphs.captures)

@@ -73,6 +73,8 @@ def test_replayed_calls_match_eager_calls(batch, heads, n, d, dtype, text_len, t
         assert torch.allclose(other.q_centroids.float(), state.q_centroids.float(), atol=2e-2)
         assert torch.allclose(other.k_centroids.float(), state.k_centroids.float(), atol=2e-2)
     report, eager_report = runner.cache.report(), eager_runner.cache.report()
+    assert (report.captured_graphs, report.replayed_calls) == (graphs.captures, graphs.replays)
+    assert f"CUDA graphs: {graphs.captures} captured" in report.to_text() and eager_report.captured_graphs == 0
     for layer, eager_layer in zip(report.layers, eager_report.layers):
         assert layer.sparse_calls == eager_layer.sparse_calls == STEPS - 1
         assert abs(layer.kept_fraction - eager_layer.kept_fraction) < 1e-3
