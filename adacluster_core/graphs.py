@@ -1,7 +1,7 @@
 """CUDA-graph replay of steady sparse calls (``config.cuda_graphs``, the node's "CUDA graphs" widget; off by
 default).
 
-At 480p a sparse call is a few milliseconds of GPU work spread over about a hundred kernel launches
+At 480p a sparse call is a few milliseconds of GPU work spread over many small kernel launches
 (clustering round, statistics, selection, tables, attention). Where the host cannot stay ahead of the GPU
 (one call timed alone, a slow host), launching costs as much as computing; replaying the whole call as one
 CUDA graph removes that cost, for static buffers of a few copies of one layer's tensors. Inside a model run

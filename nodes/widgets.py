@@ -114,7 +114,7 @@ WIDGETS: tuple = (
            "one Top-K on every step, as published ('paper' and 'svg2' always do this).", "budget schedule",
            options=(BUDGET_BY_NOISE, BUDGET_CONSTANT), advanced=True, optional=True),
     Widget("cuda_graphs", "BOOLEAN", False, "Replay each layer's steady sparse call as a CUDA graph, which saves "
-           "its ~100 kernel launches (a few ms per call). Worth it where the CPU cannot stay ahead of the GPU; in "
+           "its many small kernel launches (a few ms per call at 480p). Worth it where the CPU cannot stay ahead of the GPU; in "
            "a plain run it mostly can. Costs about five copies of one layer's query tensor in VRAM, freed when the "
            "run ends. Ignored when ComfyUI runs with --disable-cuda-graphs.", "CUDA graphs", advanced=True,
            optional=True, config_key="cuda_graphs"),
