@@ -98,9 +98,9 @@ class CallGraphs:
                 self._entries[key] = _FAILED
                 log.warning("AdaCluster: CUDA-graph capture failed (%s: %s); this call runs eagerly",
                             type(error).__name__, str(error).splitlines()[0][:200] if str(error) else "")
-                torch.cuda.current_stream(device).wait_stream(stream)
                 return None
-            torch.cuda.current_stream(device).wait_stream(stream)
+            finally:
+                torch.cuda.current_stream(device).wait_stream(stream)
         entry = self._entries[key] = _Entry(graph, static_inputs, outputs)
         self.captures += 1
         return entry

@@ -41,10 +41,11 @@ def noise_progress(percent_to_sigma: Callable[[float], float], sample_sigmas: Se
     spaced timesteps it is step / steps."""
     progress = []
     for sigma in list(sample_sigmas)[:-1]:
+        sigma = float(sigma)
         low, high = 0.0, 1.0  # percent_to_sigma decreases from pure noise (0) to clean (1)
         for _ in range(30):
             middle = 0.5 * (low + high)
-            if float(percent_to_sigma(middle)) > float(sigma):
+            if float(percent_to_sigma(middle)) > sigma:
                 low = middle
             else:
                 high = middle

@@ -12,7 +12,7 @@ size with random conditioning of the right shapes.
 
 Only a slice of the schedule is sampled; the whole run is composed from the preset's schedule:
 
-* the dense run samples steps [s0, s0 + 1 + M) of the full schedule with the unpatched model;
+* the dense run samples steps [s0, s0 + 1 + 2 + M) of the full schedule with the unpatched model;
 * the sparse run samples the same steps through the patched model with ``warmup_steps`` 1, so its first
   step is the calibration step (dense output, clustering computed) and the others run sparse; s0 is the
   preset's calibration step (or the first step the core node runs sparse, when that is later). The first
@@ -46,6 +46,7 @@ import os
 import statistics
 import sys
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
@@ -770,11 +771,12 @@ def _sample(step_ms: list, layers) -> dict:
 def _sparse_steps_ms(scale_of: dict, samples: dict) -> float:
     """Total time of a run's sparse steps ({step: Top-K multiplier}): the first steps of each multiplier at
     the settling times measured for its slice, the others at the slice's steady median."""
-    total, seen = 0.0, {}
+    total, steps_before = 0.0, Counter()  # sparse steps already counted at each multiplier
     for step in sorted(scale_of):
-        sample = samples[scale_of[step]]
-        index = seen[scale_of[step]] = seen.get(scale_of[step], -1) + 1
-        total += sample["settle_ms"][index] if index < len(sample["settle_ms"]) else _median(sample["ms"])
+        scale = scale_of[step]
+        settle, index = samples[scale]["settle_ms"], steps_before[scale]
+        total += settle[index] if index < len(settle) else _median(samples[scale]["ms"])
+        steps_before[scale] += 1
     return total
 
 
