@@ -113,6 +113,9 @@ SELECTION_RECIPES: dict[str, SelectionConfig] = {
                             high_noise_top_k_scale=1.0),
 }
 DEFAULT_RECIPE = "hybrid"
+# AdaCluster's published cluster counts (the defaults measured fewer kept keys at equal error with twice as many
+# clusters on both sides: README, "Budget and schedule"); the "paper" rows of the benchmarks use them.
+PUBLISHED_CLUSTER_COUNTS = {"query_clusters": 65, "initial_key_clusters": 100}
 METHODS = ("adacluster", "svg2", "adaspa", "moddit")  # methods/, one module each
 
 
@@ -120,8 +123,8 @@ METHODS = ("adacluster", "svg2", "adaspa", "moddit")  # methods/, one module eac
 class AdaClusterConfig:
     method: str = "adacluster"  # "adacluster" (angular queries, adaptive keys) or "svg2" (Euclidean both)
     recipe: str = DEFAULT_RECIPE  # selection recipe name, see SELECTION_RECIPES
-    query_clusters: int = 65
-    initial_key_clusters: int = 100
+    query_clusters: int = 130
+    initial_key_clusters: int = 200
     sparsity_threshold: float = 1.5  # alpha: outlier if distance > alpha * mean (relative) or > alpha (absolute)
     threshold_mode: str = "relative"
     max_stages: int = 10
@@ -219,6 +222,21 @@ def load_preset(family: str, **overrides: Any) -> AdaClusterConfig:
     if not isinstance(data, dict):
         raise ConfigError(f"preset file {path.name} must hold a mapping of settings")
     return from_dict({**_flatten(data), **_flatten(overrides)})
+
+
+def parse_settings(items: list) -> dict[str, Any]:
+    """``KEY=VALUE`` strings (command lines' ``--set``) as config overrides, values read as YAML scalars and
+    checked against the config: ConfigError names a bad key or value."""
+    import yaml
+
+    settings = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"--set {item!r}: expected KEY=VALUE")
+        settings[key.strip()] = yaml.safe_load(value)
+    from_dict(settings)
+    return settings
 
 
 def _flatten(values: Mapping[str, Any]) -> dict[str, Any]:

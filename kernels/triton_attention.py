@@ -31,9 +31,9 @@ from triton.tools.tensor_descriptor import TensorDescriptor
 
 from . import reference
 from .triton_cluster import segment_reduce
+from .triton_tables import WINDOW, key_tables, tile_table
 
 LOG2E = 1.4426950408889634
-WINDOW = 16  # max key segments per chunk
 
 
 @triton.jit
@@ -316,117 +316,6 @@ def _config(d: int, mean_key_segment: float):
     return 64, 32, 4, 2
 
 
-def tile_table(q_off: torch.Tensor, n_tokens: int, block_m: int):
-    """Query tiles of every (group, segment), as a padded table: segment index and first permuted row
-    per tile, and the number of real tiles per group. q_off: (G, Sq + 1)."""
-    groups, sq = q_off.shape[0], q_off.shape[1] - 1
-    sizes = q_off[:, 1:] - q_off[:, :-1]
-    tiles = (sizes + block_m - 1) // block_m
-    ends = tiles.cumsum(-1)
-    tmax = triton.cdiv(n_tokens, block_m) + sq
-    index = torch.arange(tmax, device=q_off.device).expand(groups, tmax).contiguous()
-    seg = torch.searchsorted(ends, index, right=True).clamp_max(sq - 1)
-    first_tile = ends.gather(1, seg) - tiles.gather(1, seg)
-    m0 = q_off.gather(1, seg) + (index - first_tile) * block_m
-    return seg.to(torch.int32).contiguous(), m0.to(torch.int32).contiguous(), ends[:, -1].to(torch.int32).contiguous(), tmax
-
-
-def stream_plan(selected: torch.Tensor, k_off: torch.Tensor, n_tokens: int, block_n: int):
-    """Per (group, query segment): the selected key segments as one stream of permuted key positions.
-
-    selected (G, Sq, Sk) bool, k_off (G, Sk + 1). Returns
-    cum (G, Sq, Sk + 1) int32: stream start of each listed segment (list = selected ids in order),
-    delta (G, Sq, Sk) int32: permuted key position minus stream position inside each listed segment,
-    bounds (G, Sq, MAXB + 1) int32: chunk starts, padded with the stream length,
-    bound_seg (G, Sq, MAXB + 1) int32: list index of the segment holding each chunk start,
-    n_chunks (G, Sq) int32."""
-    groups, sq, sk = selected.shape
-    device = selected.device
-    sel = selected.to(torch.int32)
-    slot = sel.cumsum(-1) - 1  # list index of each selected segment
-    scatter_at = torch.where(selected, slot, torch.full_like(slot, sk)).long()
-    seg_ids = torch.arange(sk, device=device, dtype=torch.int32).expand(groups, sq, sk)
-    listed = torch.zeros(groups, sq, sk + 1, device=device, dtype=torch.int32)
-    listed.scatter_(-1, scatter_at, seg_ids)
-    listed = listed[..., :sk]
-    k_sizes = (k_off[:, 1:] - k_off[:, :-1]).to(torch.int32)
-    count = sel.sum(-1, keepdim=True)  # (G, Sq, 1)
-    in_list = torch.arange(sk, device=device).expand(groups, sq, sk) < count
-    listed_sizes = torch.where(in_list, k_sizes.unsqueeze(1).expand(groups, sq, sk).gather(-1, listed.long()), 0)
-    starts = k_off[:, :-1].to(torch.int32).unsqueeze(1).expand(groups, sq, sk).gather(-1, listed.long())
-    return stream_over_pieces(starts, listed_sizes, n_tokens, block_n)
-
-
-def stream_over_pieces(starts: torch.Tensor, sizes: torch.Tensor, n_tokens: int, block_n: int):
-    """The stream tables (see stream_plan) of listed pieces of key rows: starts, sizes (G, Sq, P) int32,
-    unused list entries of size 0."""
-    groups, sq, pieces = sizes.shape
-    device = sizes.device
-    cum = torch.zeros(groups, sq, pieces + 1, device=device, dtype=torch.int32)
-    cum[..., 1:] = sizes.cumsum(-1)
-    total = cum[..., -1:]
-    delta = (starts - cum[..., :-1]).contiguous()
-    # chunk starts: every block_n stream positions, and every WINDOW-th listed piece start
-    n_grid = triton.cdiv(n_tokens, block_n)
-    grid_starts = (torch.arange(n_grid, device=device, dtype=torch.int32) * block_n).expand(groups, sq, n_grid)
-    window_starts = cum[..., WINDOW:pieces:WINDOW]
-    starts_all = torch.cat([grid_starts, window_starts], dim=-1)
-    starts_all = torch.where(starts_all < total, starts_all, total)
-    bounds = torch.sort(starts_all, dim=-1).values
-    n_chunks = (bounds < total).sum(-1).to(torch.int32)
-    bounds = torch.cat([bounds, total], dim=-1).contiguous()
-    bound_seg = torch.searchsorted(cum[..., 1:].contiguous(), bounds, right=True).to(torch.int32)
-    return cum.contiguous(), delta, bounds, bound_seg.contiguous(), n_chunks.contiguous()
-
-
-def merged_ranges(selected: torch.Tensor, k_off: torch.Tensor):
-    """Per (group, query segment): the selected key segments merged into contiguous ranges of permuted key
-    rows (neighbouring selected segments, and empty segments between them, join one range). Returns
-    range starts and ends (G, Sq, Sk) int32, unused entries empty (start == end == 0)."""
-    groups, sq, sk = selected.shape
-    device = selected.device
-    k_off = k_off.to(torch.int32)
-    empty = (k_off[:, 1:] == k_off[:, :-1]).unsqueeze(1)
-    joined = selected | empty
-    before = torch.nn.functional.pad(joined[..., :-1], (1, 0), value=False)
-    after = torch.nn.functional.pad(joined[..., 1:], (0, 1), value=False)
-    opens = joined & ~before
-    closes = joined & ~after
-    starts_at = k_off[:, :-1].unsqueeze(1).expand(groups, sq, sk)
-    ends_at = k_off[:, 1:].unsqueeze(1).expand(groups, sq, sk)
-    slot_open = torch.where(opens, opens.to(torch.int32).cumsum(-1) - 1, sk).long()
-    slot_close = torch.where(closes, closes.to(torch.int32).cumsum(-1) - 1, sk).long()
-    range_start = torch.zeros(groups, sq, sk + 1, device=device, dtype=torch.int32).scatter_(-1, slot_open, starts_at)
-    range_end = torch.zeros(groups, sq, sk + 1, device=device, dtype=torch.int32).scatter_(-1, slot_close, ends_at)
-    return range_start[..., :sk].contiguous(), range_end[..., :sk].contiguous()
-
-
-def chunk_table(range_start: torch.Tensor, chunks: torch.Tensor, n_tokens: int, block_n: int):
-    """Starts of the chunks (G, Sq, MAXC) int32 when range r of every list is cut into chunks[r] chunks of
-    block_n rows from range_start[r]; MAXC = ceil(N / block_n) + Sk bounds the count. Also the count (G, Sq)."""
-    groups, sq, sk = chunks.shape
-    last_chunk = chunks.cumsum(-1)
-    n_chunks = last_chunk[..., -1].to(torch.int32).contiguous()
-    maxc = triton.cdiv(n_tokens, block_n) + sk
-    index = torch.arange(maxc, device=chunks.device, dtype=torch.int32).expand(groups, sq, maxc).contiguous()
-    which = torch.searchsorted(last_chunk.contiguous(), index, right=True).clamp_max(sk - 1)
-    first_chunk = (last_chunk - chunks).gather(-1, which)
-    chunk_start = range_start.gather(-1, which) + (index - first_chunk) * block_n
-    return chunk_start.to(torch.int32).contiguous(), n_chunks
-
-
-def hybrid_plan(selected: torch.Tensor, k_off: torch.Tensor, n_tokens: int, block_n: int):
-    """Merged ranges split into whole block_n chunks (contiguous, loaded by TMA) and their remainders
-    (< block_n rows each), which are packed into one stream. Returns (full chunk starts, full count,
-    stream tables of stream_plan)."""
-    range_start, range_end = merged_ranges(selected, k_off)
-    length = range_end - range_start
-    full = length // block_n
-    full_start, n_full = chunk_table(range_start, full, n_tokens, block_n)
-    rest_start = range_start + full * block_n
-    return full_start, n_full, stream_over_pieces(rest_start, length - full * block_n, n_tokens, block_n)
-
-
 def _unit_stride_rows(x: torch.Tensor) -> torch.Tensor:
     return x if x.stride(-1) == 1 else x.contiguous()
 
@@ -447,18 +336,17 @@ def run_layout(q, k, v, q_off, k_off, selected, q_perm, k_perm, local_block: int
     kp = k_perm.reshape(groups, n).contiguous() if k_perm is not None else None
     key_path = _key_path(q, kp)
     k_rows, v_rows = k, v
-    kd = vd = full_start = n_full = None
+    kd = vd = None
     maxc = 0
+    full_start, n_full, (cum, delta, bounds, bound_seg, n_chunks) = key_tables(sel, k_off2, n, block_n,
+                                                                               merge=key_path == "hybrid")
     if key_path == "hybrid":
         k_rows, v_rows = permute_kv(k, v, k_perm)
-        full_start, n_full, (cum, delta, bounds, bound_seg, n_chunks) = hybrid_plan(sel, k_off2, n, block_n)
         maxc = full_start.shape[-1]
         kd = TensorDescriptor.from_tensor(k_rows.view(groups * n, d), [block_n, d])
         vd = TensorDescriptor.from_tensor(v_rows.view(groups * n, d), [block_n, d])
-    else:
-        cum, delta, bounds, bound_seg, n_chunks = stream_plan(sel, k_off2, n, block_n)
-    maxb = bounds.shape[-1]
-    sel_bytes = sel.to(torch.int8).contiguous()
+    maxb = bounds.shape[-1]  # row length of the chunk-start table
+    sel_bytes = sel.contiguous().view(torch.int8)
     out = torch.empty(batch, heads, n, d, device=q.device, dtype=q.dtype)
     lse = torch.empty(batch, heads, n, device=q.device, dtype=torch.float32)
     qk_scale = scale * LOG2E

@@ -67,10 +67,12 @@ WIDGETS: tuple = (
     Widget("sparsity_threshold", "FLOAT", 1.5, "Key clustering threshold alpha: a key farther than alpha x the mean "
            "key-to-centroid distance is an outlier and gets re-clustered. Lower = tighter clusters, more of them "
            "(more accurate, slower).", "sparsity threshold", 0.05, 100.0, 0.05, config_key="sparsity_threshold"),
-    Widget("query_clusters", "INT", 65, "Clusters of the normalised queries per head. Every query of a cluster "
-           "attends the same key clusters.", "query clusters", 1, 4096, 1, config_key="query_clusters"),
-    Widget("initial_top_k", "INT", 100, "Initial number of key clusters per head (K0) of the multi-stage key "
-           "clustering; outliers then get up to this many new clusters per stage.", "initial top-K (key clusters)",
+    Widget("query_clusters", "INT", 130, "Clusters of the normalised queries per head. Every query of a cluster "
+           "attends the same key clusters. More clusters: each attends keys closer to its own queries (published "
+           "value 65).", "query clusters", 1, 4096, 1, config_key="query_clusters"),
+    Widget("initial_top_k", "INT", 200, "Initial number of key clusters per head (K0) of the multi-stage key "
+           "clustering; outliers then get up to this many new clusters per stage. More, smaller clusters let the "
+           "same Top-K keep fewer keys (published value 100).", "initial top-K (key clusters)",
            1, 4096, 1, config_key="initial_key_clusters"),
     Widget("top_k_clusters", "INT", TOP_K_FROM_SELECTION, "Key clusters every query cluster attends. 0 uses the "
            "selection's own value ('hybrid' 16, 'paper' 64). A value at or above a layer's key cluster count keeps "
@@ -92,7 +94,8 @@ WIDGETS: tuple = (
     Widget("selection", "COMBO", "hybrid", "How key clusters are chosen per query cluster. 'hybrid' (lowest error "
            "per kept token in our measurements): Top-K by the size-weighted centroid estimate, plus each query's own "
            "64-token neighbourhood, the clusters holding the query cluster's own tokens, and a pooled tail for "
-           "skipped clusters. 'paper': Top-K by the TensorQuest upper bound, as published. 'svg2': Sparse "
+           "skipped clusters. 'paper': Top-K by the TensorQuest upper bound, as published (with 65 query clusters "
+           "and initial top-K 100). 'svg2': Sparse "
            "VideoGen 2 for comparison (Euclidean k-means of queries and keys, centroid rule with top-p 0.9).",
            "selection",
            options=RECIPES, advanced=True, config_key="recipe"),

@@ -20,8 +20,9 @@ def test_both_parts_on_a_tiny_grid(monkeypatch, tmp_path, capsys):
         "warm-up 3": {"warmup_steps": 3}, "warm-up 3, no dense layers": {"warmup_steps": 3, "dense_layer_fraction": 0.0}})
     out = tmp_path / "study.json"
     assert bs.main(["--shape", "tiny", "--layers", "2", "--steps", "10", "--device", "cpu", "--calibrate-at", "2",
-                    "--out", str(out)]) == 0
+                    "--set", "query_clusters=5", "--out", str(out)]) == 0
     data = json.loads(out.read_text())
+    assert data["settings"] == {"query_clusters": 5}
     rows = {(r["setting"], r["noise"]): r for r in data["selection"]}
     assert {r["calibrated_at_step"] for r in data["selection"]} == {2}
     assert {noise for _, noise in rows} == {"middle", "low"}  # high noise (step 1) comes before the calibration
@@ -40,7 +41,8 @@ def test_both_parts_on_a_tiny_grid(monkeypatch, tmp_path, capsys):
 @pytest.mark.parametrize("flags,message", [
     (["--layers", "0"], "--layers must be in [1, 64]"), (["--steps", "5"], "--steps must be in [10, 200]"),
     (["--calibrate-at", "60"], "--calibrate-at steps must be in [0, 48]"), (["--threads", "0"], "--threads"),
-    (["--variants", "no-such-row"], "--variants no-such-row matches none of: preset as shipped")])
+    (["--variants", "no-such-row"], "--variants no-such-row matches none of: preset as shipped"),
+    (["--set", "query_clusters=0"], "query_clusters = 0 is out of range"), (["--set", "top_k"], "expected KEY=VALUE")])
 def test_bad_flags_are_named_before_any_work(flags, message, capsys):
     with pytest.raises(SystemExit):
         bs.main(["--device", "cpu", *flags])

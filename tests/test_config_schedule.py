@@ -45,7 +45,7 @@ def test_unknown_preset_is_an_error_and_presets_load():
         load_preset("flux")
     for family in MODEL_FAMILIES:
         config = load_preset(family, warmup_steps=3)
-        assert config.warmup_steps == 3 and config.query_clusters == 65
+        assert config.warmup_steps == 3 and config.query_clusters == 130
 
 
 def test_round_trip_and_recipes():
@@ -107,3 +107,16 @@ def test_noise_progress_is_the_step_share_of_a_whole_run_and_the_covered_part_of
     assert {sel.top_k_scale(i, 10, p) for i, p in enumerate(second_half)} == {1.0}  # no high-noise steps
     first_half = noise_progress(percent_to_sigma, simple_schedule(8.0, 20, end=10))
     assert [sel.top_k_scale(i, 10, p) for i, p in enumerate(first_half)] == [3.0] * 5 + [1.0] * 5
+
+
+def test_command_line_settings_are_parsed_and_checked():
+    from comfyui_adacluster.adacluster_core.config import parse_settings
+    assert parse_settings(["query_clusters=130", "selection.top_k=24", "selection.tail=false",
+                           "recipe=paper", "sparsity_threshold=1.25"]) == {
+        "query_clusters": 130, "selection.top_k": 24, "selection.tail": False, "recipe": "paper",
+        "sparsity_threshold": 1.25}
+    for bad, message in ((["query_clusters=0"], r"query_clusters = 0 is out of range"),
+                         (["no_such=1"], "unknown setting 'no_such'"), (["top_k"], "expected KEY=VALUE"),
+                         (["selection.top_k=many"], "selection.top_k must be an integer")):
+        with pytest.raises(ConfigError, match=message):
+            parse_settings(bad)

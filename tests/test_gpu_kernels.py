@@ -254,16 +254,23 @@ def test_every_key_path_matches_reference(key_path, path, case, dtype, head_dim)
     torch.testing.assert_close(lse[finite], want_lse[finite], atol=2e-2, rtol=1e-3)
 
 
+def test_table_kernels_match_the_oracle():
+    """The device-built tile and key tables equal the PyTorch statement of them (tests/table_oracle.py)."""
+    from table_oracle import assert_tables_match
+    from comfyui_adacluster.kernels import triton_tables
+    assert_tables_match(triton_tables.key_tables, triton_tables.tile_table, DEVICE, seed=100)
+
+
 def test_hybrid_plan_covers_exactly_the_selected_keys():
     """Whole chunks plus remainder pieces of the merged ranges list every selected key row once."""
-    from comfyui_adacluster.kernels import triton_attention
+    from comfyui_adacluster.kernels import triton_tables
     gen = torch.Generator().manual_seed(21)
     layout = random_layout(1, 2, 3001, sq=6, sk=41, density=0.4, generator=gen, tiny=True, empty_every=5)
     groups, n, block = 2, 3001, 64
     selected = layout.selected.reshape(groups, 6, 41)
     k_off = layout.k_offsets.reshape(groups, 42)
-    full_start, n_full, (cum, delta, bounds, bound_seg, n_chunks) = triton_attention.hybrid_plan(
-        selected, k_off, n, block)
+    full_start, n_full, (cum, delta, bounds, bound_seg, n_chunks) = triton_tables.key_tables(
+        selected, k_off, n, block, merge=True)
     for g in range(groups):
         for i in range(6):
             rows = [torch.arange(s, s + block) for s in full_start[g, i, : int(n_full[g, i])].tolist()]

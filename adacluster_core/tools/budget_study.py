@@ -29,7 +29,7 @@ from ... import kernels
 from .. import selection
 from ..attention import CallInfo, SparseAttention
 from ..cache import RunCache
-from ..config import SelectionConfig, from_dict, load_preset
+from ..config import ConfigError, SelectionConfig, from_dict, load_preset, parse_settings
 from .demo import relative_l2, set_threads
 from .video_bench import VIDEO_SHAPES, VideoShape
 from .workload import VideoAttentionWorkload, WorkloadConfig
@@ -41,7 +41,7 @@ NOISE_POINTS = {"high": 0.1, "middle": 0.5, "low": 0.8}  # measured steps as fra
 def selection_settings() -> dict:
     """Name -> SelectionConfig swept in the selection part (locality and tail on, as in the default; one
     Top-K for every head, since per-head budgets are chosen at calibration, which the schedule part runs)."""
-    settings = {f"top-k {k}": SelectionConfig(count="topk", top_k=k, head_budget_error=0.0) for k in (4, 8, 12, 16)}
+    settings = {f"top-k {k}": SelectionConfig(count="topk", top_k=k, head_budget_error=0.0) for k in (4, 8, 12, 16, 24)}
     for p in (0.7, 0.8, 0.9):
         settings[f"mass {p}"] = SelectionConfig(count="mass", top_p=p, head_budget_error=0.0)
     return settings
@@ -90,8 +90,10 @@ def _workload(shape: VideoShape, layers: int, steps: int, seed: int, device) -> 
         layers=layers, steps=steps, text_len=shape.text_len, text_first=shape.text_first, seed=seed)).to(device)
 
 
-def selection_part(workload, shape: VideoShape, calibration_steps: tuple, log) -> list:
-    """Rows {calibrated at, setting, noise, kept, rel_l2} for every layer kind, averaged over layers."""
+def selection_part(workload, shape: VideoShape, calibration_steps: tuple, log,
+                   clustering: Optional[dict] = None) -> list:
+    """Rows {calibrated at, setting, noise, kept, rel_l2} for every layer kind, averaged over layers.
+    ``clustering``: config overrides (``--set``) on top of the preset, for the clusters every setting selects from."""
     steps = workload.config.steps
     measured = {name: max(1, round(f * steps)) for name, f in NOISE_POINTS.items()}
     settings = selection_settings()
@@ -99,7 +101,8 @@ def selection_part(workload, shape: VideoShape, calibration_steps: tuple, log) -
     rows = {}
     for warmup in calibration_steps:
         for layer in range(workload.config.layers):
-            config = load_preset(shape.preset, warmup_steps=warmup, dense_layer_fraction=0.0, min_tokens=0)
+            config = load_preset(shape.preset, **{**(clustering or {}), "warmup_steps": warmup,
+                                                  "dense_layer_fraction": 0.0, "min_tokens": 0})
             runner = SparseAttention(config, RunCache())
             runner.cache.start_run(steps)
             video = runner._video_slice(workload.tokens, CallInfo(0, 0, steps, (0,), **call_extra))
@@ -130,14 +133,15 @@ def selection_part(workload, shape: VideoShape, calibration_steps: tuple, log) -
             for (w, name, noise), values in rows.items()]
 
 
-def schedule_part(workload, shape: VideoShape, log, variants: Optional[dict] = None) -> list:
-    """Whole runs over the schedule: one row per variant."""
+def schedule_part(workload, shape: VideoShape, log, variants: Optional[dict] = None,
+                  settings: Optional[dict] = None) -> list:
+    """Whole runs over the schedule: one row per variant (``settings``: overrides under every variant's)."""
     steps = workload.config.steps
     call_extra = workload.call_kwargs()
     results = []
     dense_outputs = {}  # (layer, step) -> dense output, the same for every variant
     for name, overrides in (variants or schedule_variants(shape.preset, steps)).items():
-        config = load_preset(shape.preset, min_tokens=0, **overrides)
+        config = load_preset(shape.preset, **{**(settings or {}), "min_tokens": 0, **overrides})
         cache = RunCache()
         cache.start_run(steps)
         runner = SparseAttention(config, cache)
@@ -218,6 +222,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="selection part: steps whose clusters are calibrated (default 2 9)")
     parser.add_argument("--threads", type=int, default=1,
                         help="CPU threads for torch (default 1: many small ops run fastest on one thread)")
+    parser.add_argument("--set", dest="settings", action="append", default=[], metavar="KEY=VALUE",
+                        help="a setting on top of the preset for both parts, e.g. query_clusters=65 (repeatable)")
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--out", default="budget_study.json", help="JSON file written at the end")
     return parser
@@ -236,6 +242,10 @@ def main(argv=None) -> int:
         parser.error(f"--calibrate-at steps must be in [0, {args.steps - 2}], got {args.calibrate_at}")
     if args.threads < 1:
         parser.error(f"--threads must be at least 1, got {args.threads}")
+    try:
+        settings = parse_settings(args.settings)
+    except ConfigError as error:
+        parser.error(str(error))
     shape = SHAPES[args.shape]
     every_variant = schedule_variants(shape.preset, args.steps)
     variants = every_variant
@@ -252,13 +262,13 @@ def main(argv=None) -> int:
     def write():  # after each part, so a cut-short run keeps what it measured
         with open(args.out, "w") as handle:
             json.dump({"shape": args.shape, "workload": workload.describe(), "device": args.device,
-                       "selection": selection_rows, "schedule": schedule_rows}, handle, indent=1)
+                       "settings": settings, "selection": selection_rows, "schedule": schedule_rows}, handle, indent=1)
 
     if "selection" in args.parts:
-        selection_rows = selection_part(workload, shape, tuple(s + 1 for s in args.calibrate_at), log)
+        selection_rows = selection_part(workload, shape, tuple(s + 1 for s in args.calibrate_at), log, settings)
         write()
     if "schedule" in args.parts:
-        schedule_rows = schedule_part(workload, shape, log, variants)
+        schedule_rows = schedule_part(workload, shape, log, variants, settings)
         write()
     print(format_tables(selection_rows, schedule_rows))
     print(f"\nwrote {args.out}")

@@ -24,6 +24,8 @@ import time
 
 import torch
 
+from ..config import ConfigError, parse_settings
+
 SHAPES = {  # name: (heads, tokens, head dim), batch 1, bf16
     "cogvideox2b-480p": (30, 17550, 64),
     "wan1.3b-480p": (12, 32760, 128),
@@ -312,7 +314,14 @@ def build_parser() -> argparse.ArgumentParser:
                         default=["default", "paper", "svg2"], help="video workload: the runner rows to measure")
     parser.add_argument("--sol-tau", type=float, nargs="*", default=[1.0, 1.3, 1.5],
                         help="video workload: Sol-Attn thresholds to compare with (none: no Sol-Attn rows)")
+    parser.add_argument("--set", dest="settings", action="append", default=[], metavar="KEY=VALUE",
+                        help="video workload: a setting on top of each shape's preset for every runner row, e.g. "
+                             "query_clusters=130 or selection.top_k=24 (repeatable)")
+    parser.add_argument("--case-steps", type=int, nargs="+", default=None, metavar="STEP",
+                        help="video workload: the sparse steps of the 50-step schedule to measure, 1-49 "
+                             "(default 10 25 40)")
     return parser
+
 
 
 def main(argv=None):
@@ -323,10 +332,18 @@ def main(argv=None):
     if not torch.cuda.is_available():
         parser.error("the kernel benchmark needs a CUDA GPU")
     if args.workload == "video":
-        from .video_bench import run
+        from .video_bench import CASE_STEPS, SCHEDULE_STEPS, run
         if any(not 0.0 < tau <= 10.0 for tau in args.sol_tau):
             parser.error(f"--sol-tau values must be in (0, 10], got {args.sol_tau}")
-        run(args.shapes, args.seed, args.out, methods=args.methods, sol_taus=tuple(args.sol_tau))
+        try:
+            settings = parse_settings(args.settings)
+        except ConfigError as error:
+            parser.error(str(error))
+        steps = tuple(args.case_steps or CASE_STEPS)
+        if any(not 1 <= step <= SCHEDULE_STEPS - 1 for step in steps):
+            parser.error(f"--case-steps {list(steps)}: expected steps in [1, {SCHEDULE_STEPS - 1}]")
+        run(args.shapes, args.seed, args.out, methods=args.methods, sol_taus=tuple(args.sol_tau), settings=settings,
+            steps=steps)
         print(f"\nwrote {args.out}")
         return
     generator = torch.Generator(device="cuda").manual_seed(args.seed)

@@ -6,7 +6,7 @@ builds q/k/v at the model's latent token grid on the GPU. Each case is one layer
 steady-state sparse call at that step is timed and compared with dense attention. Rows:
 
 * ``default``: the node's default for the model family (its preset, as shipped);
-* ``paper``: AdaCluster as published (TensorQuest Top-K);
+* ``paper``: AdaCluster as published (TensorQuest Top-K, 65 query / 100 initial key clusters);
 * ``svg2``: the SVG2 method (Euclidean k-means of queries and keys, top-p);
 * ``sol tau X``: comfy-kitchen's fused Sol-Attn (ComfyUI core's sparse node), where it runs (head dim 128).
 
@@ -26,6 +26,7 @@ from typing import Optional
 
 import torch
 
+from ..config import PUBLISHED_CLUSTER_COUNTS
 from .kernel_bench import _graph, _kept, _plan, fastest_dense, time_ms
 from .workload import VideoAttentionWorkload, WorkloadConfig
 
@@ -59,7 +60,7 @@ def method_overrides() -> dict:
     """Runner rows: name -> (config overrides on top of the family preset)."""
     return {
         "default": {},
-        "paper": {"recipe": "paper", "dense_layers_by": "clusters"},
+        "paper": {"recipe": "paper", "dense_layers_by": "clusters", **PUBLISHED_CLUSTER_COUNTS},
         "svg2": {"method": "svg2", "recipe": "svg2"},
     }
 
@@ -77,7 +78,8 @@ def _rel_l2(out: torch.Tensor, ref: torch.Tensor) -> float:
 
 
 def run_case(name, q, k, v, call_kwargs, step, overrides, dense_out, dense_ms, video, detail: bool) -> dict:
-    """One runner row on one case: calibrate at step - 1, time the sparse call at ``step``."""
+    """One runner row on one case: calibrate at step - 1, time the sparse call at ``step``. ``overrides``:
+    settings on top of the family preset (the row's, then the command line's ``--set``)."""
     from ..attention import CallInfo, SparseAttention
     from ..cache import RunCache
     from ..config import load_preset
@@ -146,7 +148,9 @@ def run_sol(sol, q, k, v, tau, shape: VideoShape, dense_out, dense_ms, video) ->
 
 
 def bench_video_shape(name: str, seed: int, methods=("default", "paper", "svg2"), sol_taus=SOL_TAUS,
-                      log=print) -> dict:
+                      log=print, settings: Optional[dict] = None, steps=CASE_STEPS) -> dict:
+    """Every case of one shape. ``settings``: config overrides applied to every runner row (``--set``);
+    ``steps``: the sparse steps of the 50-step schedule measured."""
     shape = VIDEO_SHAPES[name]
     started = time.time()
     workload = VideoAttentionWorkload(WorkloadConfig(
@@ -159,7 +163,7 @@ def bench_video_shape(name: str, seed: int, methods=("default", "paper", "svg2")
     sol = _sol() if sol_taus and shape.head_dim == 128 else None
     result = {"shape": name, "tokens": workload.tokens, "video_tokens": n_video, "heads": shape.heads,
               "head_dim": shape.head_dim, "preset": shape.preset, "cases": []}
-    for step in CASE_STEPS:
+    for step in steps:
         for layer, kind in enumerate(kinds):
             q, k, v = workload.qkv(layer, step, dtype=torch.bfloat16)
             backend, dense_ms, _ = fastest_dense(q, k, v)
@@ -170,8 +174,9 @@ def bench_video_shape(name: str, seed: int, methods=("default", "paper", "svg2")
                 if method not in methods:
                     continue
                 try:
-                    case["rows"][method] = run_case(name, q, k, v, workload.call_kwargs(), step, overrides,
-                                                    dense_out, dense_ms, video, detail=method == "default")
+                    case["rows"][method] = run_case(name, q, k, v, workload.call_kwargs(), step,
+                                                    {**overrides, **(settings or {})}, dense_out, dense_ms, video,
+                                                    detail=method == "default")
                 except Exception as error:  # noqa: BLE001 - report, keep benchmarking
                     case["rows"][method] = {"error": f"{type(error).__name__}: {str(error).splitlines()[0][:160]}"}
             if sol is not None:
@@ -217,9 +222,11 @@ def summarize(cases: list) -> dict:
     return summary
 
 
-def print_video_table(results: list, device_name: str, print_fn=print) -> None:
+def print_video_table(results: list, device_name: str, print_fn=print, steps=CASE_STEPS,
+                      settings: Optional[dict] = None) -> None:
     print_fn(f"\nVideo-like workload, whole steady-state call; {device_name}; bf16, batch 1; mean over "
-             f"{LAYER_KINDS} layer kinds x steps {CASE_STEPS} of {SCHEDULE_STEPS}")
+             f"{LAYER_KINDS} layer kinds x steps {tuple(steps)} of {SCHEDULE_STEPS}"
+             + (f"; settings {settings}" if settings else ""))
     print_fn(" | ".join(["shape", "method", "kept", "rel L2", "call ms", "dense ms", "speedup", "replay ms",
                          "plan ms", "stats ms", "plan+stats graph", "kernel stream", "kernel hybrid", "graph ms"]))
     fmt = lambda x, p=2: "-" if x is None else f"{x:.{p}f}"  # noqa: E731
@@ -233,15 +240,17 @@ def print_video_table(results: list, device_name: str, print_fn=print) -> None:
                                  fmt(s.get("graph_ms"))]))
 
 
-def run(shapes: list, seed: int, out: Optional[str], methods=("default", "paper", "svg2"), sol_taus=SOL_TAUS) -> list:
+def run(shapes: list, seed: int, out: Optional[str], methods=("default", "paper", "svg2"), sol_taus=SOL_TAUS,
+        settings: Optional[dict] = None, steps=CASE_STEPS) -> list:
     import triton
     device_name = torch.cuda.get_device_name()
     results = []
     for name in shapes:
-        results.append(bench_video_shape(name, seed, methods, sol_taus))
+        results.append(bench_video_shape(name, seed, methods, sol_taus, settings=settings, steps=steps))
         if out:
             with open(out, "w") as handle:
                 json.dump({"device": device_name, "torch": torch.__version__, "triton": triton.__version__,
-                           "workload": "video", "results": results}, handle, indent=1)
-    print_video_table(results, device_name)
+                           "workload": "video", "settings": settings or {}, "steps": list(steps),
+                           "results": results}, handle, indent=1)
+    print_video_table(results, device_name, steps=steps, settings=settings)
     return results

@@ -17,7 +17,7 @@ def test_widget_defaults_build_every_preset():
     defaults = {w.name: w.default for w in widgets.WIDGETS if w.config_key}
     for family in ("wan", "hunyuan_video", "cogvideox"):
         config = widgets.config_from_widgets(family, **defaults)
-        assert config.query_clusters == 65 and config.initial_key_clusters == 100
+        assert config.query_clusters == 130 and config.initial_key_clusters == 200
     # -1 warm-up steps keeps the preset's value
     assert widgets.config_from_widgets("hunyuan_video", warmup_steps=-1).warmup_steps == 3
     assert widgets.config_from_widgets("wan", warmup_steps=-1).warmup_steps == 3
