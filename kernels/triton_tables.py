@@ -29,28 +29,19 @@ def _max_combine(a, b):
 
 
 @triton.jit
-def _count_at_most(values_ptr, count, x, LOG: tl.constexpr):
-    """Per lane: how many of values_ptr[1..count] (non-decreasing) are <= x (binary search, LOG rounds)."""
+def _count_sorted(values_ptr, stride, count, x, LOG: tl.constexpr, STRICT: tl.constexpr):
+    """Per lane: how many of values_ptr[m * stride] for m in 1..count (non-decreasing) are < x (STRICT) or <= x;
+    a binary search of LOG rounds."""
     lo = tl.zeros_like(x)
     hi = lo + count
     for _ in tl.static_range(LOG):
         active = lo < hi
         mid = (lo + hi + 1) // 2  # >= 1 while active
-        up = active & (tl.load(values_ptr + mid, mask=active, other=0) <= x)
-        hi = tl.where(active & ~up, mid - 1, hi)
-        lo = tl.where(up, mid, lo)
-    return lo
-
-
-@triton.jit
-def _count_below(values_ptr, stride, count, x, LOG: tl.constexpr):
-    """Per lane: how many of values_ptr[m * stride] for m in 1..count (non-decreasing) are < x."""
-    lo = tl.zeros_like(x)
-    hi = lo + count
-    for _ in tl.static_range(LOG):
-        active = lo < hi
-        mid = (lo + hi + 1) // 2  # >= 1 while active
-        up = active & (tl.load(values_ptr + mid * stride, mask=active, other=0) < x)
+        value = tl.load(values_ptr + mid * stride, mask=active, other=0)
+        if STRICT:
+            up = active & (value < x)
+        else:
+            up = active & (value <= x)
         hi = tl.where(active & ~up, mid - 1, hi)
         lo = tl.where(up, mid, lo)
     return lo
@@ -124,16 +115,16 @@ def _key_tables_kernel(sel_ptr, off_ptr, full_ptr, n_full_ptr, cum_ptr, delta_pt
         a = a0 + tl.arange(0, GRID_BLOCK)
         a_ok = a < N_GRID
         x = a * BLOCK_N
-        position = a + _count_below(cum_row, WIN, n_win, x, LOG)
+        position = a + _count_sorted(cum_row, WIN, n_win, x, LOG, STRICT=True)
         value = tl.minimum(x, total)
         tl.store(bounds_row + position, value, mask=a_ok)
-        tl.store(bseg_row + position, _count_at_most(cum_row, Sk, value, LOG), mask=a_ok)
+        tl.store(bseg_row + position, _count_sorted(cum_row, 1, Sk, value, LOG, STRICT=False), mask=a_ok)
     m = 1 + tl.arange(0, WINP)
     m_ok = m <= n_win
     w = tl.load(cum_row + m * WIN, mask=m_ok, other=0)
     position = (m - 1) + tl.minimum(N_GRID, w // BLOCK_N + 1)
     tl.store(bounds_row + position, w, mask=m_ok)
-    tl.store(bseg_row + position, _count_at_most(cum_row, Sk, w, LOG), mask=m_ok)
+    tl.store(bseg_row + position, _count_sorted(cum_row, 1, Sk, w, LOG, STRICT=False), mask=m_ok)
     tl.store(bounds_row + MAXB, total)
     tl.store(bseg_row + MAXB, Sk)
     grid_chunks = tl.minimum(N_GRID, (total + BLOCK_N - 1) // BLOCK_N)

@@ -61,11 +61,13 @@ def test_bad_block_size_is_rejected_naming_it():
         kernels.block_statistics(q, k, torch.zeros(1, 1, 40), 16, 0, 1e-3)
 
 
-def test_triton_block_kernels_in_the_interpreter():
+@pytest.mark.parametrize("script", ["interpret_block_kernels.py", "interpret_tables.py"])
+def test_triton_kernels_in_the_interpreter(script):
     """The Triton kernels on the CPU through TRITON_INTERPRET=1 (a separate process: the interpreter is chosen
-    when the kernels are defined)."""
+    when the kernels are defined): the block kernels against brute force, the layout kernel's table kernels
+    against their PyTorch oracle (tests/table_oracle.py)."""
     pytest.importorskip("triton")
-    script = Path(__file__).with_name("interpret_block_kernels.py")
+    script = Path(__file__).with_name(script)
     env = {**os.environ, "TRITON_INTERPRET": "1"}
     result = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=300)
     if result.returncode == 3:

@@ -1,29 +1,8 @@
-"""The layout kernel's table kernels (kernels/triton_tables.py) against the PyTorch oracle, on the CPU through
-the Triton interpreter (the GPU run is in test_gpu_kernels.py)."""
-import os
-import subprocess
-import sys
-from pathlib import Path
-
-import pytest
-
-from table_oracle import hybrid_plan, random_offsets, stream_plan, tile_table
-
+"""The PyTorch oracle of the layout kernel's tables (tests/table_oracle.py) checked on its own. The table kernels
+are compared with it in the Triton interpreter (test_block_kernels.py) and on the GPU (test_gpu_kernels.py)."""
 import torch
 
-
-def test_triton_table_kernels_in_the_interpreter():
-    """A separate process: the interpreter is chosen when the kernels are defined."""
-    pytest.importorskip("triton")
-    script = Path(__file__).with_name("interpret_tables.py")
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    result = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=300)
-    if result.returncode == 3:
-        import numpy
-        pytest.skip(f"the Triton interpreter fails on loops with numpy {numpy.__version__} (numpy<2.3 works): "
-                    f"{result.stdout.strip()[-200:]}")
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    assert "ok" in result.stdout
+from table_oracle import hybrid_plan, random_offsets, stream_plan, tile_table
 
 
 def test_oracle_tables_cover_exactly_the_selected_keys():
@@ -40,7 +19,7 @@ def test_oracle_tables_cover_exactly_the_selected_keys():
                           for s, m in zip(seg[g, :int(n_tiles[g])], m0[g, :int(n_tiles[g])])])
         assert torch.equal(torch.sort(rows).values, torch.arange(n))
     chunks, n_full, (cum, delta, *_) = hybrid_plan(selected, k_off, n, block)
-    _, _, (s_cum, s_delta, *_) = (None, None, stream_plan(selected, k_off, n, block))
+    s_cum, s_delta, *_ = stream_plan(selected, k_off, n, block)
     for g in range(groups):
         segment = torch.searchsorted(k_off[g, 1:], torch.arange(n), right=True)
         for i in range(sq):
