@@ -61,9 +61,11 @@ class SelectionConfig:
     # scaled by high_noise_top_k_scale on the first noise_phase_fraction of the denoising and by
     # low_noise_top_k_scale on the last noise_phase_fraction (1 and 1: the same Top-K on every step).
     # Measured by noise level where the sampler's schedule is known (top_k_scale), else by step count.
-    # Three times the Top-K on the first quarter lets sparse steps start at step 3 of 50 with no higher error
-    # at high, middle or low noise than 10 dense warm-up steps (README, "Budget and schedule").
-    high_noise_top_k_scale: float = 3.0
+    # A larger Top-K on the first quarter lets sparse steps start at step 3 of 50 instead of after 10 dense
+    # warm-up steps. With 200 initial key clusters four times the Top-K (about a third of the keys) measured
+    # the error of the previous 10-step warm-up at high noise; three times, enough with 100 clusters, measured
+    # up to a fifth higher there (README, "Budget and schedule").
+    high_noise_top_k_scale: float = 4.0
     low_noise_top_k_scale: float = 1.0
     noise_phase_fraction: float = 0.25
 

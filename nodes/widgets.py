@@ -111,7 +111,7 @@ WIDGETS: tuple = (
            choices=lambda: _profile_names(), check=lambda value: _profile_check(value)),
     Widget("budget_schedule", "COMBO", BUDGET_BY_NOISE, "How the Top-K changes over the sampler steps. 'by noise "
            "level': the selection's own schedule; for 'hybrid', attention is more spread out at high noise, so the "
-           "first quarter of the denoising keeps three times the Top-K. The quarter is read from the noise level, "
+           "first quarter of the denoising keeps four times the Top-K. The quarter is read from the noise level, "
            "so a sampler that runs only part of the schedule (start/end steps, the two Wan 2.2 experts) gets "
            "the part it covers. 'same every step': "
            "one Top-K on every step, as published ('paper' and 'svg2' always do this).", "budget schedule",

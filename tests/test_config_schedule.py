@@ -106,7 +106,8 @@ def test_noise_progress_is_the_step_share_of_a_whole_run_and_the_covered_part_of
     sel = SelectionConfig()
     assert {sel.top_k_scale(i, 10, p) for i, p in enumerate(second_half)} == {1.0}  # no high-noise steps
     first_half = noise_progress(percent_to_sigma, simple_schedule(8.0, 20, end=10))
-    assert [sel.top_k_scale(i, 10, p) for i, p in enumerate(first_half)] == [3.0] * 5 + [1.0] * 5
+    high = sel.high_noise_top_k_scale
+    assert high > 1 and [sel.top_k_scale(i, 10, p) for i, p in enumerate(first_half)] == [high] * 5 + [1.0] * 5
 
 
 def test_command_line_settings_are_parsed_and_checked():

@@ -25,10 +25,10 @@ def test_widget_defaults_build_every_preset():
 
 
 def test_budget_schedule_widget():
-    """'by noise level' keeps the selection's schedule (hybrid: 3x Top-K early; paper: constant), 'same every
+    """'by noise level' keeps the selection's schedule (hybrid: 4x Top-K early; paper: constant), 'same every
     step' asks for one Top-K on every step, as published."""
     by_noise = widgets.config_from_widgets("wan", budget_schedule="by noise level")
-    assert by_noise.selection.top_k_scale(0, 50) == 3.0 and by_noise.selection.top_k_scale(30, 50) == 1.0
+    assert by_noise.selection.top_k_scale(0, 50) == 4.0 and by_noise.selection.top_k_scale(30, 50) == 1.0
     constant = widgets.config_from_widgets("wan", budget_schedule="same every step", warmup_steps=10)
     assert all(constant.selection.top_k_scale(step, 50) == 1.0 for step in range(50))
     paper = widgets.config_from_widgets("wan", budget_schedule="by noise level", selection="paper")
