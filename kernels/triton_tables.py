@@ -157,7 +157,7 @@ def key_tables(selected: torch.Tensor, k_off: torch.Tensor, n_tokens: int, block
         selected.contiguous().view(torch.int8), k_off.contiguous(), full_start, n_full, cum, delta, bounds,
         bound_seg, n_chunks, sq, sk, n_grid, full_start.shape[-1], maxb,
         BLOCK_N=block_n, WIN=WINDOW, SKP=skp, WINP=max(1, skp // WINDOW), LOG=skp.bit_length(),
-        GRID_BLOCK=256, MERGE=merge, num_warps=4)
+        GRID_BLOCK=256, MERGE=merge, num_warps=min(16, max(4, skp // 256)))  # a few lanes per thread
     stream = (cum, delta, bounds, bound_seg, n_chunks)
     return (full_start, n_full, stream) if merge else (None, None, stream)
 
