@@ -100,6 +100,7 @@ TABLE_CASES = (  # (groups, query segments, key segments, tokens, selected share
     (1, 11, 97, 4099, 0.6, 128, 128, 5),
     (2, 3, 40, 300, 0.05, 32, 32, 3),
     (1, 4, 300, 9001, 0.15, 64, 128, 11),
+    (1, 2, 1500, 30011, 0.05, 64, 128, 0),  # rows of more than 1,024 key segments (more warps on the GPU)
 )
 
 
