@@ -115,9 +115,11 @@ SELECTION_RECIPES: dict[str, SelectionConfig] = {
                             high_noise_top_k_scale=1.0),
 }
 DEFAULT_RECIPE = "hybrid"
-# AdaCluster's published cluster counts (the defaults measured fewer kept keys at equal error with twice as many
-# clusters on both sides: README, "Budget and schedule"); the "paper" rows of the benchmarks use them.
-PUBLISHED_CLUSTER_COUNTS = {"query_clusters": 65, "initial_key_clusters": 100}
+# AdaCluster as published, for the "paper" rows of the demo and the benchmarks: its selection recipe, its
+# dense-layer rule and its cluster counts (the defaults measured fewer kept keys at equal error with twice as
+# many clusters on both sides: README, "Budget and schedule").
+PUBLISHED_SETTINGS = {"recipe": "paper", "dense_layers_by": "clusters", "query_clusters": 65,
+                      "initial_key_clusters": 100}
 METHODS = ("adacluster", "svg2", "adaspa", "moddit")  # methods/, one module each
 
 

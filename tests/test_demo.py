@@ -164,3 +164,15 @@ def test_readme_shows_the_table_and_notes_as_printed():
     missing = demo.MethodResult("sol-attn (tau 1)", demo.default_methods(1)[-1].note, available=False)
     if demo.sol_attn_function() is None:
         assert demo.format_table({"sol": missing}).splitlines()[-1] in readme
+
+
+def test_paper_rows_run_adacluster_as_published():
+    """The demo's and the video benchmark's "paper" rows keep the published recipe, dense-layer rule and cluster
+    counts, whatever the defaults are."""
+    from comfyui_adacluster.adacluster_core.config import load_preset
+    from comfyui_adacluster.adacluster_core.tools.video_bench import method_overrides
+    paper = next(m for m in demo.default_methods(1) if m.short == "paper").config
+    bench = load_preset("wan", **method_overrides()["paper"])
+    for config in (paper, bench):
+        assert (config.recipe, config.dense_layers_by, config.query_clusters, config.initial_key_clusters) == (
+            "paper", "clusters", 65, 100)

@@ -35,7 +35,7 @@ from ... import kernels
 from ..attention import CallInfo, SparseAttention
 from ..cache import RunCache
 from ..jsonable import finite_json
-from ..config import DEFAULT_RECIPE, PUBLISHED_CLUSTER_COUNTS, AdaClusterConfig, from_dict
+from ..config import DEFAULT_RECIPE, PUBLISHED_SETTINGS, AdaClusterConfig, from_dict
 from .workload import VideoAttentionWorkload, WorkloadConfig
 
 SOL_BLOCK = 64  # Sol-Attn's fixed block of tokens
@@ -102,8 +102,7 @@ def default_methods(warmup_steps: int, sol_tau: float = 1.0, head_dim: int = 128
         Method(f"adacluster ({DEFAULT_RECIPE})", "runner", runner_config(None, warmup_steps=warmup_steps),
                note="default recipe", short="default"),
         Method("adacluster (paper)", "runner",
-               runner_config("paper", warmup_steps=warmup_steps, dense_layers_by="clusters",
-                             **PUBLISHED_CLUSTER_COUNTS),
+               runner_config(warmup_steps=warmup_steps, **PUBLISHED_SETTINGS),
                note="as published: TensorQuest Top-K, 65 / 100 clusters", short="paper"),
         Method("svg2 rule", "runner", runner_config("svg2", "svg2", warmup_steps=warmup_steps),
                note="Euclidean k-means both sides, centroid top-p", short="svg2"),

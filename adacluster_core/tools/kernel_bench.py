@@ -323,7 +323,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-
 def main(argv=None):
     parser = build_parser()
     args = parser.parse_args(argv)

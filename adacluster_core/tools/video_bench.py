@@ -26,7 +26,7 @@ from typing import Optional
 
 import torch
 
-from ..config import PUBLISHED_CLUSTER_COUNTS
+from ..config import PUBLISHED_SETTINGS
 from .kernel_bench import _graph, _kept, _plan, fastest_dense, time_ms
 from .workload import VideoAttentionWorkload, WorkloadConfig
 
@@ -60,7 +60,7 @@ def method_overrides() -> dict:
     """Runner rows: name -> (config overrides on top of the family preset)."""
     return {
         "default": {},
-        "paper": {"recipe": "paper", "dense_layers_by": "clusters", **PUBLISHED_CLUSTER_COUNTS},
+        "paper": PUBLISHED_SETTINGS,
         "svg2": {"method": "svg2", "recipe": "svg2"},
     }
 
