@@ -7,7 +7,9 @@ Selection is made of parts, chosen by SelectionConfig:
 * guard rails: a minimum fraction of key tokens, the key clusters that hold the query cluster's own
   tokens, and each query's own block in original order (layout.local_block);
 * a pooled tail for what is skipped (layout.tail).
-Everything stays on the device and avoids host synchronisation.
+Everything stays on the device and avoids host synchronisation. On CUDA the default recipe (centroid score,
+Top-K count) and its kept fraction run as fused Triton kernels (kernels.triton_select), tested against the
+PyTorch statement here.
 """
 from __future__ import annotations
 
@@ -99,12 +101,49 @@ def build_layout(q: torch.Tensor, k: torch.Tensor, qc: Clusters, kc: Clusters, c
                  scale: float | None = None, top_k: Optional[torch.Tensor] = None) -> Layout:
     """The Layout for video tokens q, k (B, H, N, d) clustered into qc and kc (``top_k``: per-head Top-K
     (B, H) in place of the config's)."""
-    n = q.shape[-2]
+    return plan_layout(q, k, qc, kc, config, scale, top_k)[0]
+
+
+def plan_layout(q: torch.Tensor, k: torch.Tensor, qc: Clusters, kc: Clusters, config: SelectionConfig,
+                scale: float | None = None, top_k: Optional[torch.Tensor] = None) -> tuple[Layout, torch.Tensor]:
+    """build_layout's Layout and its kept fraction (B, H). On CUDA the default recipe runs as three Triton
+    launches (kernels.triton_select); everything else, and the CPU, take the PyTorch statement below."""
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    if fused_selection_applies(q, qc, kc, config):
+        return _fused_plan(qc, kc, config, scale, top_k)
+    layout = reference_layout(q, k, qc, kc, config, scale, top_k)
+    return layout, kept_fraction(layout, qc.labels, kc.labels)
+
+
+def reference_layout(q: torch.Tensor, k: torch.Tensor, qc: Clusters, kc: Clusters, config: SelectionConfig,
+                     scale: float, top_k: Optional[torch.Tensor] = None) -> Layout:
+    """The selection in PyTorch: scores, count, guard rails (the statement the fused kernels are tested on)."""
     rank, log_mass = cluster_logits(q, k, qc, kc, config.score, config.blend_weight, scale)
-    selected = choose_clusters(rank, log_mass, kc.sizes, n, config, top_k)
+    selected = choose_clusters(rank, log_mass, kc.sizes, q.shape[-2], config, top_k)
     if config.own_clusters:
         selected = selected | own_clusters(qc, kc)
+    return _layout(qc, kc, selected, config)
+
+
+def fused_selection_applies(q: torch.Tensor, qc: Clusters, kc: Clusters, config: SelectionConfig) -> bool:
+    """True where the fused selection kernels run: the centroid score with a Top-K count, on the clustering's
+    own statistics, for tensors on CUDA with Triton available."""
+    return (config.score == "centroid" and config.count == "topk" and qc.step is not None and kc.step is not None
+            and kernels.fused_selection(q) is not None
+            and kc.centroids.shape[-2] <= kernels.fused_selection(q).max_key_clusters)
+
+
+def _fused_plan(qc: Clusters, kc: Clusters, config: SelectionConfig, scale: float,
+                top_k: Optional[torch.Tensor]) -> tuple[Layout, torch.Tensor]:
+    dot = qc.step.mean @ kc.centroids.float().transpose(-1, -2)  # (B, H, Cq, Ck)
+    n = qc.labels.shape[-1]
+    selected, kept = kernels.fused_selection(qc.labels)(
+        dot, kc.sizes, qc.sizes, qc.labels, kc.labels, scale, config.top_k if top_k is None else top_k,
+        config.min_kept_fraction * n, OWN_CLUSTER_MIN_SHARE if config.own_clusters else 0.0, config.local_block)
+    return _layout(qc, kc, selected, config), kept
+
+
+def _layout(qc: Clusters, kc: Clusters, selected: torch.Tensor, config: SelectionConfig) -> Layout:
     q_perm, q_offsets = _segments(qc)
     k_perm, k_offsets = _segments(kc)
     return Layout(q_offsets=q_offsets, k_offsets=k_offsets, selected=selected, q_perm=q_perm, k_perm=k_perm,

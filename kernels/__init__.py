@@ -68,6 +68,14 @@ quest_scores = _dispatch("quest_scores")
 execute_layout = _dispatch("execute_layout")
 segment_means = _dispatch("segment_means")
 segment_labels = reference.segment_labels
+
+
+def fused_selection(x: torch.Tensor):
+    """The fused selection of the default recipe (kernels.triton_select.select_and_count) for tensors like x,
+    or None where it cannot run: its PyTorch statement is adacluster_core.selection.reference_layout."""
+    return getattr(backend_for(x), "select_and_count", None)
+
+
 # the block passes of AdaSpa and MOD-DiT (dense attention with LSE, block mass / sparsity statistics)
 attention_lse = _dispatch("attention_lse", reference_blocks)
 block_statistics = _dispatch("block_statistics", reference_blocks)

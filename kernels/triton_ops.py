@@ -17,12 +17,13 @@ import triton  # noqa: F401  (ImportError here tells the dispatch that Triton is
 from . import reference
 from .triton_attention import run_layout
 from .triton_blocks import attention_lse, block_statistics
+from .triton_select import select_and_count
 from .triton_cluster import (cluster_minmax, kmeans, kmeans_assign, kmeans_step, normalize_rows, quest_scores,
                              segment_means, segments_from_labels)
 
 __all__ = ["normalize_rows", "kmeans", "kmeans_assign", "kmeans_step", "segments_from_labels", "cluster_minmax",
            "quest_scores", "segment_means", "execute_layout", "layout_op_supported", "attention_lse",
-           "block_statistics"]
+           "block_statistics", "select_and_count"]
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16)
 SUPPORTED_HEAD_DIMS = (16, 32, 64, 128)

@@ -61,7 +61,7 @@ def test_bad_block_size_is_rejected_naming_it():
         kernels.block_statistics(q, k, torch.zeros(1, 1, 40), 16, 0, 1e-3)
 
 
-@pytest.mark.parametrize("script", ["interpret_block_kernels.py", "interpret_tables.py"])
+@pytest.mark.parametrize("script", ["interpret_block_kernels.py", "interpret_tables.py", "interpret_select.py"])
 def test_triton_kernels_in_the_interpreter(script):
     """The Triton kernels on the CPU through TRITON_INTERPRET=1 (a separate process: the interpreter is chosen
     when the kernels are defined): the block kernels against brute force, the layout kernel's table kernels

@@ -46,8 +46,7 @@ class AdaCluster(SparseMethod):
         if scale != 1.0:
             base = top_k if top_k is not None else torch.full((q.shape[0], q.shape[1]), sel.top_k, device=q.device)
             top_k = (base * scale).round().clamp_min(1).long()
-        layout = selection.build_layout(q, k, qc, kc, sel, top_k=top_k)
-        kept = selection.kept_fraction(layout, qc.labels, kc.labels)
+        layout, kept = selection.plan_layout(q, k, qc, kc, sel, top_k=top_k)
         return Plan(layout, kept, kc.counts)
 
     def graph_key(self, call):
