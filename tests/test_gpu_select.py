@@ -14,7 +14,7 @@ from comfyui_adacluster import kernels  # noqa: E402
 from comfyui_adacluster.adacluster_core import selection  # noqa: E402
 from comfyui_adacluster.adacluster_core.config import SelectionConfig  # noqa: E402
 from comfyui_adacluster.kernels import triton_select  # noqa: E402
-from select_cases import CASES, check_case, clusters_for  # noqa: E402
+from select_cases import CASES, check_case, clusters_for, near_tie  # noqa: E402
 
 WIDE_CASES = [
     dict(batch=1, heads=4, n=4099, cq=33, ck=257, ragged=True, per_head=True, config={}),
@@ -39,8 +39,9 @@ def test_default_recipe_plans_through_the_fused_kernels():
     assert not selection.fused_selection_applies(q.cpu(), qc, kc, config)
     layout, kept = selection.plan_layout(q, k, qc, kc, config, top_k=top_k)
     want = selection.reference_layout(q, k, qc, kc, config, q.shape[-1] ** -0.5, top_k)
-    agree = (layout.selected == want.selected).float().mean()
-    assert agree > 0.999
+    rank = selection.cluster_logits(q, k, qc, kc, "centroid", 0.5, q.shape[-1] ** -0.5)[0]
+    # empty query clusters rank key clusters by size alone: exact ties, which the kernel keeps all of
+    assert near_tie(rank.cpu(), want.selected.cpu(), layout.selected.cpu())
     assert torch.equal(layout.k_perm, want.k_perm) and torch.equal(layout.q_offsets, want.q_offsets)
     expected = selection.kept_fraction(layout, qc.labels, kc.labels)
     torch.testing.assert_close(kept, expected.double(), rtol=1e-6, atol=1e-8)
