@@ -246,7 +246,7 @@ def _batch_slice(layout: Layout, b: int) -> Layout:
     pick = lambda t: None if t is None else t[b:b + 1]
     return Layout(q_offsets=pick(layout.q_offsets), k_offsets=pick(layout.k_offsets), selected=pick(layout.selected),
                   q_perm=pick(layout.q_perm), k_perm=pick(layout.k_perm), local_block=layout.local_block,
-                  tail=layout.tail)
+                  tail=layout.tail, q_labels=pick(layout.q_labels), k_labels=pick(layout.k_labels))
 
 
 def _mask_block(mask: torch.Tensor, rows: slice, cols: slice) -> torch.Tensor:

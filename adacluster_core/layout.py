@@ -31,6 +31,10 @@ class Layout:
     k_perm: Optional[torch.Tensor] = None  # (B, H, N); None means original order (fixed blocks)
     local_block: int = 0  # >0: each query also attends its own block of this size in original order
     tail: bool = False  # pooled tail: skipped key segments enter as (mean key, mean value, log size)
+    # (B, H, N) int64 segment of every token in original order, where the builder has it (clusters' labels);
+    # None: derived from perm and offsets where needed (the local block)
+    q_labels: Optional[torch.Tensor] = None
+    k_labels: Optional[torch.Tensor] = None
 
     @property
     def num_query_segments(self) -> int:
@@ -52,6 +56,9 @@ class Layout:
             expect["q_perm"] = (self.q_perm, (batch, heads, tokens))
         if self.k_perm is not None:
             expect["k_perm"] = (self.k_perm, (batch, heads, tokens))
+        for name in ("q_labels", "k_labels"):
+            if getattr(self, name) is not None:
+                expect[name] = (getattr(self, name), (batch, heads, tokens))
         for name, (tensor, shape) in expect.items():
             if tuple(tensor.shape) != shape:
                 raise ValueError(f"Layout.{name} has shape {tuple(tensor.shape)}, expected {shape}")

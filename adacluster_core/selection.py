@@ -147,7 +147,7 @@ def _layout(qc: Clusters, kc: Clusters, selected: torch.Tensor, config: Selectio
     q_perm, q_offsets = _segments(qc)
     k_perm, k_offsets = _segments(kc)
     return Layout(q_offsets=q_offsets, k_offsets=k_offsets, selected=selected, q_perm=q_perm, k_perm=k_perm,
-                  local_block=config.local_block, tail=config.tail)
+                  local_block=config.local_block, tail=config.tail, q_labels=qc.labels, k_labels=kc.labels)
 
 
 def _segments(c: Clusters):

@@ -321,8 +321,9 @@ def _unit_stride_rows(x: torch.Tensor) -> torch.Tensor:
 
 
 def run_layout(q, k, v, q_off, k_off, selected, q_perm, k_perm, local_block: int, tail: bool,
-               text_k, text_v, text_bias, scale: float):
-    """Executes a layout; returns (out (B, H, N, d) in q's dtype, lse (B, H, N) fp32)."""
+               text_k, text_v, text_bias, scale: float, q_labels=None, k_labels=None):
+    """Executes a layout; returns (out (B, H, N, d) in q's dtype, lse (B, H, N) fp32). ``q_labels`` /
+    ``k_labels`` (B, H, N): the segment of every token, where the caller has them (else derived)."""
     batch, heads, n, d = q.shape
     groups = batch * heads
     q, k, v = _unit_stride_rows(q), _unit_stride_rows(k), _unit_stride_rows(v)
@@ -354,8 +355,11 @@ def run_layout(q, k, v, q_off, k_off, selected, q_perm, k_perm, local_block: int
 
     local_out = local_lse = None
     if local_block:
-        q_labels = reference.segment_labels(q_perm, q_off, n).reshape(groups, n).to(torch.int32)
-        k_labels = reference.segment_labels(k_perm, k_off, n).reshape(groups, n).to(torch.int32)
+        if q_labels is None:
+            q_labels = reference.segment_labels(q_perm, q_off, n).to(torch.int32)
+        if k_labels is None:
+            k_labels = reference.segment_labels(k_perm, k_off, n).to(torch.int32)
+        q_labels, k_labels = q_labels.reshape(groups, n).contiguous(), k_labels.reshape(groups, n).contiguous()
         # the local partial is normalised, so q's dtype holds it as well as the final output (half the memory)
         local_out = torch.empty(groups, n, d, device=q.device, dtype=q.dtype)
         local_lse = torch.empty(groups, n, device=q.device, dtype=torch.float32)

@@ -94,6 +94,13 @@ def test_own_clusters_and_kept_fraction_with_local_blocks():
     block = torch.arange(n) // config.local_block
     allowed = allowed | (block[:, None] == block[None, :])
     torch.testing.assert_close(kept, allowed.double().mean((-1, -2)), atol=1e-7, rtol=1e-6)
+    # plan_layout: the same layout with the clusters' labels, which are the segments of perm and offsets
+    planned, planned_kept = selection.plan_layout(q, k, qc, kc, config)
+    assert torch.equal(planned.selected, layout.selected)
+    assert torch.equal(planned.q_labels, R.segment_labels(planned.q_perm, planned.q_offsets, n))
+    assert torch.equal(planned.k_labels, R.segment_labels(planned.k_perm, planned.k_offsets, n))
+    planned.validate(1, 2, n)
+    torch.testing.assert_close(planned_kept, kept)
 
 
 def test_calibration_in_head_chunks_matches_one_pass(monkeypatch):

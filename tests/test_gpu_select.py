@@ -71,3 +71,17 @@ def test_too_many_key_clusters_take_the_pytorch_path():
                                        torch.zeros(1, 1, 4, dtype=torch.long, device="cuda"),
                                        torch.zeros(1, 1, 4, dtype=torch.long, device="cuda"), 1.0, 2, 0.0, 0.0, 0)
     assert kernels.fused_selection(q) is triton_select.select_and_count
+
+
+def test_layout_labels_carried_to_the_executor_change_nothing():
+    """The clusters' labels the layout carries are what the executor would derive from perm and offsets."""
+    import dataclasses
+    q, k, qc, kc, top_k = clusters_for(CASES[2], "cuda", torch.bfloat16, seed=5)
+    v = torch.randn_like(k)
+    layout, _ = selection.plan_layout(q, k, qc, kc, SelectionConfig(), top_k=top_k)
+    assert layout.q_labels is qc.labels and layout.k_labels is kc.labels
+    derived = dataclasses.replace(layout, q_labels=None, k_labels=None)
+    torch.testing.assert_close(kernels.execute_layout(q, k, v, layout), kernels.execute_layout(q, k, v, derived),
+                               rtol=0, atol=0)
+    reference = kernels.reference.execute_layout(q, k, v, layout)
+    torch.testing.assert_close(kernels.execute_layout(q, k, v, layout).float(), reference.float(), rtol=2e-2, atol=2e-2)
