@@ -176,11 +176,11 @@ def bench_runner(q, k, v, overrides: dict, dense_ms: float) -> dict:
     row["call_ms"] = time_ms(call)
     replayed = SparseAttention(config.replace(cuda_graphs=True), cache)  # shares the calibrated cache
     row["replay_ms"] = time_ms(lambda: replayed(q, k, v, sparse_call, dense=dense))
-    layout, qc, kc = _plan(runner, q, k, sparse_call)
-    row["kept_fraction"] = float(_kept(layout, qc, kc).mean())
-    row["key_clusters"] = float(kc.counts.float().mean())
-    row["plan_ms"] = time_ms(lambda: _kept(*_plan(runner, q, k, sparse_call)))
-    row["kept_statistics_ms"] = time_ms(lambda: _kept(layout, qc, kc))
+    plan = _plan(runner, q, k, sparse_call)
+    layout = plan.layout
+    row["kept_fraction"] = float(plan.kept.float().mean())
+    row["key_clusters"] = float(plan.key_counts.float().mean())
+    row["plan_ms"] = time_ms(lambda: _plan(runner, q, k, sparse_call))
     row["kernel_ms"] = time_ms(lambda: execute_layout(q, k, v, layout))
     row["plan_share"] = row["plan_ms"] / row["call_ms"]
     row["speedup"] = dense_ms / row["call_ms"]
@@ -204,16 +204,9 @@ def _graph(fn) -> torch.cuda.CUDAGraph:
 
 
 def _plan(runner, q, k, call):
-    """The clustering and selection part of a runner call: (layout, query clusters, key clusters)."""
-    from .. import selection
-    qc, kc = runner.cluster(q, k, call)
-    return selection.build_layout(q, k, qc, kc, runner.config.selection), qc, kc
-
-
-def _kept(layout, qc, kc):
-    """The runner's per-call statistic: (B, H) kept fraction of the layout."""
-    from .. import selection
-    return selection.kept_fraction(layout, qc.labels, kc.labels)
+    """The planning part of a runner call on its video tokens, as the runner runs it: the method's Plan
+    (clustering, selection with the step's budget, the kept-fraction statistic)."""
+    return runner.method.plan(q, k, call)
 
 
 def bench_shape(name, kept, generator, with_flex=True, with_runner=True):
@@ -284,7 +277,7 @@ def print_table(rows, device_name):
         ]))
     print("\nWhole call through SparseAttention (Wan preset, steady-state sparse step):")
     print(" | ".join(["shape", "recipe", "kept", "key clusters", "call", "speedup vs dense", "replayed call",
-                      "clustering+selection", "share", "kept stats", "kernel", "kernel vs floor", "graph call"]))
+                      "planning", "share", "kernel", "kernel vs floor", "graph call"]))
     for r in rows:
         for recipe, c in r.get("runner", {}).items():
             if "error" in c:
@@ -293,7 +286,7 @@ def print_table(rows, device_name):
             print(" | ".join([r["shape"], recipe, f"{c['kept_fraction']:.3f}", f"{c['key_clusters']:.0f}",
                               _fmt(c["call_ms"]), f"{_fmt(c['speedup'])}x", _fmt(c["replay_ms"]),
                               _fmt(c["plan_ms"]),
-                              f"{100 * c['plan_share']:.0f}%", _fmt(c["kept_statistics_ms"]), _fmt(c["kernel_ms"]),
+                              f"{100 * c['plan_share']:.0f}%", _fmt(c["kernel_ms"]),
                               _fmt(c["kernel_vs_floor"]), _fmt(c.get("graph_ms", c.get("graph_error")))]))
 
 
