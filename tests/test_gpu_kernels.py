@@ -223,25 +223,31 @@ def key_path():
     triton_attention.KEY_PATH_OVERRIDE = None
 
 
+# (tokens, query segments, key segments) and, at head dim 128, the tiles (BLOCK_M, BLOCK_N) they must take
+KEY_PATH_SHAPES = {"long-clusters": (4099, 5, 7, (128, 128)), "long-query-clusters": (4099, 5, 29, (128, 64))}
+
+
 @pytest.mark.parametrize("path", ["stream", "hybrid"])
 @pytest.mark.parametrize("dtype", HALF_DTYPES)
 @pytest.mark.parametrize("head_dim", [64, 128])
-@pytest.mark.parametrize("case", ["clusters", "hybrid", "adjacent-runs", "long-clusters"])
+@pytest.mark.parametrize("case", ["clusters", "hybrid", "adjacent-runs", "long-clusters", "long-query-clusters"])
 def test_every_key_path_matches_reference(key_path, path, case, dtype, head_dim):
     """Both key paths; "adjacent-runs" selects runs of neighbouring key segments (merged ranges longer
     than a chunk, whole chunks plus remainders) and leaves one query segment with no keys;
-    "long-clusters" has key segments long enough for the tallest key chunks."""
+    "long-clusters" has query and key segments long enough for the tallest tiles, "long-query-clusters" query
+    segments long enough for 128-row query tiles (the other cases take 64-row tiles at head dim 128)."""
     from comfyui_adacluster.kernels import triton_attention
     key_path(path)
     gen = torch.Generator().manual_seed(sum(map(ord, case + path)) + head_dim)
-    batch, heads, tokens, sk = (1, 3, 4099, 7) if case == "long-clusters" else (1, 3, 2011, 29)
-    if case == "long-clusters" and head_dim == 128:  # both key chunk heights are covered: 64 rows, and 128 here
-        assert triton_attention._config(head_dim, tokens / sk)[1] == 128
+    tokens, sq, sk, tiles = KEY_PATH_SHAPES.get(case, (2011, 11, 29, (64, 64)))
+    batch, heads = 1, 3
+    if head_dim == 128:  # every tiling of head dim 128 is covered
+        assert triton_attention._config(head_dim, tokens / sq, tokens / sk)[:2] == tiles
     options = LAYOUT_CASES.get(case, dict(empty_every=7))
-    layout = random_layout(batch, heads, tokens, sq=11, sk=sk, density=0.2, generator=gen, **options)
+    layout = random_layout(batch, heads, tokens, sq=sq, sk=sk, density=0.2, generator=gen, **options)
     if case == "adjacent-runs":
-        run_start = torch.randint(0, sk, (batch, heads, 11, 1), generator=gen)
-        run_length = torch.randint(1, 12, (batch, heads, 11, 1), generator=gen)
+        run_start = torch.randint(0, sk, (batch, heads, sq, 1), generator=gen)
+        run_length = torch.randint(1, 12, (batch, heads, sq, 1), generator=gen)
         j = torch.arange(sk)
         layout.selected = ((j >= run_start) & (j < run_start + run_length)).to(DEVICE)
         layout.selected[:, :, 4] = False

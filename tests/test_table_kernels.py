@@ -1,5 +1,6 @@
 """The PyTorch oracle of the layout kernel's tables (tests/table_oracle.py) checked on its own. The table kernels
 are compared with it in the Triton interpreter (test_block_kernels.py) and on the GPU (test_gpu_kernels.py)."""
+import pytest
 import torch
 
 from table_oracle import hybrid_plan, random_offsets, stream_plan, tile_table
@@ -31,3 +32,13 @@ def test_oracle_tables_cover_exactly_the_selected_keys():
                 piece = torch.searchsorted(c[g, i, 1:], positions, right=True)
                 got = torch.cat(extra + [positions + d[g, i].gather(0, piece)])
                 assert torch.equal(torch.sort(got).values, want)
+
+
+def test_query_tile_height_pads_least():
+    """Head dim 128: clusters below SMALL_QUERY_SEGMENT queries on average take 64-row tiles; original-order blocks
+    take the height that pads them least, 128 rows on a tie."""
+    pytest.importorskip("triton")
+    from comfyui_adacluster.kernels.triton_attention import SMALL_QUERY_SEGMENT, _query_tile_rows
+    assert _query_tile_rows(252.0, True) == 64
+    assert _query_tile_rows(SMALL_QUERY_SEGMENT + 1.0, True) == 128
+    assert [_query_tile_rows(size, False) for size in (64, 128, 96, 192, 320, 512)] == [64, 128, 128, 64, 64, 128]
