@@ -472,7 +472,8 @@ def sol_attn_function() -> tuple:
     try:
         import comfy_kitchen
     except Exception as exc:  # noqa: BLE001 - optional comparison
-        return None, f"comfy-kitchen does not import ({type(exc).__name__})"
+        return None, (f"comfy-kitchen does not import ({type(exc).__name__}): the core node's sol_attn needs "
+                      "comfy-kitchen 0.2.40 or later")
     sol = getattr(comfy_kitchen, "sol_attn", None)
     if sol is None:
         try:
