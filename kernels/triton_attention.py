@@ -311,10 +311,10 @@ def _query_tile_rows(mean_query_segment: float, clustered_queries: bool) -> int:
     if clustered_queries:
         return 64 if mean_query_segment < SMALL_QUERY_SEGMENT else 128
     size = max(1, round(mean_query_segment))
-    return 64 if -(-size // 64) * 64 < -(-size // 128) * 128 else 128
+    return 64 if triton.cdiv(size, 64) * 64 < triton.cdiv(size, 128) * 128 else 128
 
 
-def _config(d: int, mean_query_segment: float, mean_key_segment: float, clustered_queries: bool = True):
+def _config(d: int, mean_query_segment: float, mean_key_segment: float, clustered_queries: bool):
     """(BLOCK_M, BLOCK_N, num_warps, num_stages) of the main kernel per head dim, mean query and key segment
     sizes (tokens per segment) and whether query segments are clusters (else original-order blocks)."""
     if d in CONFIG_OVERRIDE:

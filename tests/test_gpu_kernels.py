@@ -242,7 +242,7 @@ def test_every_key_path_matches_reference(key_path, path, case, dtype, head_dim)
     tokens, sq, sk, tiles = KEY_PATH_SHAPES.get(case, (2011, 11, 29, (64, 64)))
     batch, heads = 1, 3
     if head_dim == 128:  # every tiling of head dim 128 is covered
-        assert triton_attention._config(head_dim, tokens / sq, tokens / sk)[:2] == tiles
+        assert triton_attention._config(head_dim, tokens / sq, tokens / sk, True)[:2] == tiles
     options = LAYOUT_CASES.get(case, dict(empty_every=7))
     layout = random_layout(batch, heads, tokens, sq=sq, sk=sk, density=0.2, generator=gen, **options)
     if case == "adjacent-runs":
