@@ -97,8 +97,13 @@ class SparseAttention:
                 n_dense = math.floor(self.method.dense_layer_fraction * len(ranked) + 0.5)
                 floor = self.method.dense_layer_min_score
                 chosen = [layer for layer in ranked[:n_dense] if floor is None or candidates[layer][0] > floor]
-                hard = {layer for layer, (_, is_hard) in candidates.items() if is_hard}
-                cache.dense_layers = frozenset(chosen) | hard
+                hard = frozenset(layer for layer, (_, is_hard) in candidates.items() if is_hard)
+                # the method's budgets (AdaCluster: per-head Top-K) may run some of the chosen layers sparse;
+                # processes that share the heads of a layer keep the agreed set as it is
+                if self.dense_layer_agreement is None:
+                    cache.dense_layers = self.method.settle_budgets(frozenset(chosen) | hard, hard)
+                else:
+                    cache.dense_layers = self.method.settle_budgets(frozenset(chosen) | hard, frozenset(chosen) | hard)
         return cache.dense_layers
 
     # ------------------------------------------------------------------ call

@@ -19,7 +19,8 @@ import torch
 from .graphs import CallGraphs
 from .memory import persistent_copy, store
 
-_STATE_TENSORS = ("q_centroids", "k_centroids", "k_counts", "hard", "calibration_error", "head_top_k")
+_STATE_TENSORS = ("q_centroids", "k_centroids", "k_counts", "hard", "calibration_error", "head_top_k",
+                  "probe_error", "probe_kept", "probe_reference")
 
 
 @dataclass
@@ -35,7 +36,12 @@ class BranchState:
     hard: torch.Tensor  # (H,) bool: head hard to compress
     tokens: int = 0  # video tokens seen at calibration
     calibration_error: Optional[torch.Tensor] = None  # () relative L2 of the sparse output at calibration
-    head_top_k: Optional[torch.Tensor] = None  # (H,) per-head Top-K chosen at calibration (head budget)
+    head_top_k: Optional[torch.Tensor] = None  # (H,) per-head Top-K chosen at calibration (budget.py)
+    # measured at calibration at each candidate Top-K (AdaCluster.probe): squared error of each head's sparse
+    # output against dense (H, C), its kept fraction (H, C), and the squared norm of the dense output (H,)
+    probe_error: Optional[torch.Tensor] = None
+    probe_kept: Optional[torch.Tensor] = None
+    probe_reference: Optional[torch.Tensor] = None
 
     def __setattr__(self, name, value):
         if name in _STATE_TENSORS and isinstance(value, torch.Tensor):
@@ -222,16 +228,16 @@ class RunCache:
         different GPUs, in threads): each state is reduced on its device and read back."""
         return {layer: (float(torch.stack([s.k_counts.float().mean().cpu() for s in states]).mean()),
                         bool(torch.stack([s.hard.any().cpu() for s in states]).any()))
-                for layer, states in self._clustering_states().items()}
+                for layer, states in self.clustering_states().items()}
 
     def calibration_errors(self) -> dict:
         """layer -> largest relative error of the sparse output measured at calibration over its branches,
         for the layers where it was measured."""
         errors = {layer: [s.calibration_error.cpu() for s in states if s.calibration_error is not None]
-                  for layer, states in self._clustering_states().items()}
+                  for layer, states in self.clustering_states().items()}
         return {layer: float(torch.stack(e).max()) for layer, e in errors.items() if e}
 
-    def _clustering_states(self) -> dict:
+    def clustering_states(self) -> dict:
         """layer -> its branches' clustering states (other methods keep their own kinds of state), read from
         a snapshot of the dict (threads of CFG Split may add states meanwhile)."""
         per_layer = defaultdict(list)

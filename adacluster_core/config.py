@@ -52,11 +52,11 @@ class SelectionConfig:
     tail: bool = True  # pooled tail for skipped clusters
     local_block: int = 64  # each query's own block in original order; 0 = off
     own_clusters: bool = True  # always keep the key clusters that hold the query cluster's own tokens
-    # "topk" with > 0: each head's Top-K is set at calibration to the smallest of top_k x (1/4, 1/2, 1, 2)
-    # whose sparse output measured within this relative error of dense (else the largest), so the budget
-    # follows how concentrated the head's attention is; 0 (default): the same top_k for every head. Measured
-    # on the main command's workload it lands on the fixed Top-K curve (no fewer keys at equal error; README).
-    head_budget_error: float = 0.0
+    # "matched" (with count "topk"): the calibration step measures every head at top_k x (1/2 .. 4) and
+    # each head's Top-K, and which of the layers picked for dense really run dense, are set for the fewest
+    # kept keys whose summed layer error is no higher than with top_k for every head (budget.py); "fixed":
+    # top_k for every head.
+    budget: str = "matched"
     # Budget schedule over the denoising: attention is more spread out at high noise, so the Top-K is
     # scaled by high_noise_top_k_scale on the first noise_phase_fraction of the denoising and by
     # low_noise_top_k_scale on the last noise_phase_fraction (1 and 1: the same Top-K on every step).
@@ -92,7 +92,7 @@ class SelectionConfig:
         _float_range("selection.top_p", self.top_p, 0.0, 1.0, low_open=True)
         _float_range("selection.min_kept_fraction", self.min_kept_fraction, 0.0, 1.0)
         _int_range("selection.local_block", self.local_block, 0, 1 << 16)
-        _float_range("selection.head_budget_error", self.head_budget_error, 0.0, 10.0)
+        _choice("selection.budget", self.budget, ("matched", "fixed"))
         _float_range("selection.high_noise_top_k_scale", self.high_noise_top_k_scale, 0.0, 16.0, low_open=True)
         _float_range("selection.low_noise_top_k_scale", self.low_noise_top_k_scale, 0.0, 16.0, low_open=True)
         _float_range("selection.noise_phase_fraction", self.noise_phase_fraction, 0.0, 0.5)
@@ -109,9 +109,9 @@ class SelectionConfig:
 SELECTION_RECIPES: dict[str, SelectionConfig] = {
     "hybrid": SelectionConfig(),
     "paper": SelectionConfig(score="quest", count="topk", top_k=64, tail=False, local_block=0, own_clusters=False,
-                             head_budget_error=0.0, high_noise_top_k_scale=1.0),
+                             budget="fixed", high_noise_top_k_scale=1.0),
     "svg2": SelectionConfig(score="centroid", count="mass", top_k=64, top_p=0.9, tail=False, local_block=0,
-                            own_clusters=False, min_kept_fraction=0.0, head_budget_error=0.0,
+                            own_clusters=False, min_kept_fraction=0.0, budget="fixed",
                             high_noise_top_k_scale=1.0),
 }
 DEFAULT_RECIPE = "hybrid"

@@ -1,5 +1,5 @@
-"""Calibration profiles: per-layer, per-head key cluster counts and the dense-layer set, saved with
-safetensors, so a repeated workflow can skip the multi-stage calibration.
+"""Calibration profiles: per-layer, per-head key cluster counts and Top-K budgets and the dense-layer set,
+saved with safetensors, so a repeated workflow can skip the multi-stage calibration.
 
 Profiles live in profile folders (inside ComfyUI: ``models/adacluster_profiles`` and any extra model path
 registered for ``adacluster_profiles``). ``find_profile`` and ``save_profile_in`` never touch a file outside
@@ -34,11 +34,21 @@ class CalibrationProfile:
     heads: int
     tokens: int  # video tokens the calibration saw
     method: str = "adacluster"
+    # (len(layers), H) int64 per-head Top-K set at calibration (largest over branches; 0: the config's Top-K),
+    # or None where the run set none (budget "fixed", older profiles)
+    top_k: Optional[torch.Tensor] = None
 
     def counts_for(self, layer: int) -> Optional[torch.Tensor]:
         if layer not in self.layers:
             return None
         return self.counts[self.layers.index(layer)]
+
+    def top_k_for(self, layer: int) -> Optional[torch.Tensor]:
+        """(H,) the layer's per-head Top-K, or None where it has none."""
+        if self.top_k is None or layer not in self.layers:
+            return None
+        row = self.top_k[self.layers.index(layer)]
+        return None if bool((row < 1).any()) else row
 
     def dense_layer_set(self) -> frozenset:
         return self.dense_layers
@@ -55,19 +65,24 @@ class CalibrationProfile:
 def profile_from_cache(cache) -> Optional[CalibrationProfile]:
     """The calibration held by a RunCache (None before any layer was calibrated)."""
     per_layer: dict = {}
+    top_k: dict = {}  # layer -> (H,) largest per-head Top-K over branches; 0 where a branch has none
     heads = tokens = None
     for (layer, _), state in cache.states.items():
         if not isinstance(state, BranchState):  # not a clustering state: nothing to calibrate from
             continue
         counts = state.k_counts.detach().cpu()
         per_layer[layer] = counts if layer not in per_layer else torch.maximum(per_layer[layer], counts)
+        budget = torch.zeros_like(counts) if state.head_top_k is None else state.head_top_k.detach().cpu().long()
+        top_k[layer] = budget if layer not in top_k else torch.where(
+            (top_k[layer] > 0) & (budget > 0), torch.maximum(top_k[layer], budget), torch.zeros_like(budget))
         heads = counts.numel()
         tokens = getattr(state, "tokens", tokens)
     if not per_layer:
         return None
     layers = sorted(per_layer)
+    budgets = torch.stack([top_k[l] for l in layers])
     return CalibrationProfile(layers, torch.stack([per_layer[l] for l in layers]), cache.dense_layers or frozenset(),
-                              heads, tokens or 0, cache.method)
+                              heads, tokens or 0, cache.method, budgets if bool((budgets > 0).any()) else None)
 
 
 def save_profile(profile: CalibrationProfile, path) -> Path:
@@ -78,6 +93,8 @@ def save_profile(profile: CalibrationProfile, path) -> Path:
     dense = torch.tensor([layer in profile.dense_layers for layer in profile.layers], dtype=torch.bool)
     tensors = {"layers": torch.tensor(profile.layers, dtype=torch.int64), "counts": profile.counts.to(torch.int64),
                "dense": dense}
+    if profile.top_k is not None:
+        tensors["top_k"] = profile.top_k.to(torch.int64)
     meta = {"format": FORMAT, "heads": str(profile.heads), "tokens": str(profile.tokens), "method": profile.method}
     save_file(tensors, str(path), metadata=meta)
     return path
@@ -112,9 +129,13 @@ def load_profile(path) -> CalibrationProfile:
                           f"counts {tuple(counts.shape)}, dense {tuple(dense.shape)}, heads {heads}")
     if bool((counts < 1).any()) or (tokens and bool((counts > tokens).any())):
         raise ConfigError(f"calibration profile {path.name!r} has key cluster counts outside [1, {tokens}]")
+    top_k = tensors.get("top_k")  # saved since per-head budgets exist; older profiles have none
+    if top_k is not None and (top_k.shape != counts.shape or bool((top_k < 0).any())):
+        raise ConfigError(f"calibration profile {path.name!r} has per-head Top-K of shape {tuple(top_k.shape)} or "
+                          f"below 0; expected {tuple(counts.shape)} values of at least 0")
     layer_list = layers.tolist()
     return CalibrationProfile(layer_list, counts, frozenset(l for l, d in zip(layer_list, dense.tolist()) if d),
-                              heads, tokens, meta.get("method", "adacluster"))
+                              heads, tokens, meta.get("method", "adacluster"), top_k)
 
 
 # ---------------------------------------------------------------------------------------------- folders

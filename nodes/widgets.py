@@ -29,6 +29,7 @@ WARMUP_FROM_PRESET = -1
 NO_PROFILE = ""  # calibration_profile choice: no profile
 TOP_K_FROM_SELECTION = 0  # "Top-K clusters" widget value that keeps the selection recipe's own Top-K
 BUDGET_BY_NOISE, BUDGET_CONSTANT = "by noise level", "same every step"  # "budget schedule" choices
+HEAD_BUDGETS_MATCHED, HEAD_BUDGETS_ONE = "matched to error", "one Top-K"  # "head budgets" choices
 
 
 @dataclass(frozen=True)
@@ -116,6 +117,13 @@ WIDGETS: tuple = (
            "the part it covers. 'same every step': "
            "one Top-K on every step, as published ('paper' and 'svg2' always do this).", "budget schedule",
            options=(BUDGET_BY_NOISE, BUDGET_CONSTANT), advanced=True, optional=True),
+    Widget("head_budgets", "COMBO", HEAD_BUDGETS_MATCHED, "How many key clusters each head and layer keeps. "
+           "'matched to error': the calibration step measures every head at half to four times the Top-K and "
+           "gives keys where they remove the most error, for the fewest kept keys at no more error than one "
+           "Top-K for every head; a layer picked to run dense may run sparse with a larger Top-K where that is "
+           "cheaper for the same error ('hybrid' only: 'paper' and 'svg2' keep one Top-K, as published). "
+           "'one Top-K': the same Top-K for every head, and the dense layers as picked.", "head budgets",
+           options=(HEAD_BUDGETS_MATCHED, HEAD_BUDGETS_ONE), advanced=True, optional=True),
     Widget("cuda_graphs", "BOOLEAN", False, "Replay each layer's steady sparse call as a CUDA graph, which saves "
            "its many small kernel launches (a few ms per call at 480p). Worth it where the CPU cannot stay ahead of the GPU; in "
            "a plain run it mostly can. Costs about five copies of one layer's query tensor in VRAM, freed when the "
@@ -203,6 +211,8 @@ def config_from_widgets(family: str, **values: Any) -> AdaClusterConfig:
     overrides = {}
     if values.get("budget_schedule") == BUDGET_CONSTANT:
         overrides.update({"selection.high_noise_top_k_scale": 1.0, "selection.low_noise_top_k_scale": 1.0})
+    if values.get("head_budgets") == HEAD_BUDGETS_ONE:
+        overrides["selection.budget"] = "fixed"
     for name, value in values.items():
         key = WIDGETS_BY_NAME[name].config_key
         if key is None or (name == "warmup_steps" and value == WARMUP_FROM_PRESET):

@@ -21,8 +21,10 @@ from comfyui_adacluster.adacluster_core import comfy_adapter, parallel, parallel
 from comfyui_adacluster.kernels import reference as R
 from qkv_data import structured_qkv
 
+# one Top-K for every head: the ranks' outputs then equal a single process's (with matched budgets each rank
+# sets the budgets of its own heads)
 CONFIG = dict(warmup_steps=1, min_tokens=64, initial_key_clusters=12, query_clusters=5, max_stages=4,
-              dense_layer_fraction=0.34, dense_layers_by="clusters")
+              dense_layer_fraction=0.34, dense_layers_by="clusters", selection={"budget": "fixed"})
 HEADS, BATCH, TOKENS, DIM, LAYERS, STEPS = 4, 2, 202, 24, 3, 3  # 101 tokens per rank, odd head size
 BRANCHES = ((0, "cond", 0), (1, "uncond", 0))
 # Key-cluster structure per layer for heads (0, 1) and (2, 3): rank 0 alone would rank layer 1 first,
@@ -127,7 +129,7 @@ def test_two_ranks_gloo_match_single_process_and_agree_on_dense_layers(tmp_path)
 def test_processor_returns_exact_output_and_lse_dense_and_sparse_with_text():
     """World of one: a dense (calibration) call and a sparse call that keeps every key cluster are exact,
     so output and lse must equal the dense reference, text rows included."""
-    config = from_dict({**CONFIG, "selection": {"top_k": 48, "min_kept_fraction": 0.0, "head_budget_error": 0.0}})
+    config = from_dict({**CONFIG, "selection": {"top_k": 48, "min_kept_fraction": 0.0, "budget": "fixed"}})
     owner = parallel.UlyssesSparseAttention(config, HEADS)
     proc = owner.processor(0)
     owner.start_run(2)

@@ -7,7 +7,6 @@ from comfyui_adacluster.adacluster_core import clustering
 from comfyui_adacluster.adacluster_core.attention import CallInfo, SparseAttention
 from comfyui_adacluster.adacluster_core.cache import RunCache
 from comfyui_adacluster.adacluster_core.config import ConfigError, from_dict
-from comfyui_adacluster.adacluster_core.methods.adacluster import smallest_within
 from comfyui_adacluster.adacluster_core.profiles import load_profile, save_profile
 from comfyui_adacluster.kernels import reference as R
 from qkv_data import structured_qkv
@@ -175,6 +174,8 @@ def test_profile_round_trip_skips_calibration(tmp_path, monkeypatch):
     profile = load_profile(path)
     assert profile.layers == [0, 1, 2] and profile.heads == 2 and profile.tokens == 700
     assert torch.equal(profile.counts, cache.last_calibration.counts)
+    # the per-head Top-K the calibration set (matched budgets) travel with the profile
+    assert profile.top_k is not None and torch.equal(profile.top_k, cache.last_calibration.top_k)
 
     fresh = RunCache(profile=profile)
     fresh.start_run(3)
@@ -184,6 +185,9 @@ def test_profile_round_trip_skips_calibration(tmp_path, monkeypatch):
     run_steps(runner, q, k, v, 2, layers=3, branches=(0,))
     for layer in range(3):
         assert torch.equal(fresh.state(layer, 0).k_counts, profile.counts_for(layer).clamp_max(700))
+        budgets = profile.top_k_for(layer)
+        assert budgets is None or torch.equal(fresh.state(layer, 0).head_top_k, budgets)
+    assert fresh.state(0, 0).probe_error is None  # nothing left to choose: the profile's budgets are used
 
     other = RunCache(profile=profile)
     other.start_run(3)
@@ -206,31 +210,77 @@ def test_corrupt_or_foreign_profile_is_rejected(tmp_path):
         load_profile(foreign)
 
 
-def test_head_budget_picks_the_first_candidate_within_the_error_else_the_last():
-    errors = torch.tensor([[[0.3, 0.09, 0.05, 0.01], [0.3, 0.2, 0.15, 0.12], [0.04, 0.03, 0.02, 0.01]]])
-    assert smallest_within(errors, 0.1).tolist() == [[1, 3, 0]]
-
-
-def test_head_budget_gives_concentrated_heads_the_smaller_top_k():
-    """At calibration each head gets one of top_k x (1/4, 1/2, 1, 2); a head whose attention clusters find
-    gets a smaller one than a head with sharp attention on unstructured keys, and sparse steps select with
-    those budgets."""
-    q, k, v = structured_qkv(batch=1, heads=2, n=900, d=16, groups=4, seed=11)
+def test_matched_budget_measures_every_candidate_and_never_errs_more_than_one_top_k():
+    """At calibration every head is measured at top_k x (1/2 .. 4); the budgets set at the first sparse step
+    err no more, summed over the heads, than the one Top-K, keep no more keys, and sparse steps select with
+    them."""
+    q, k, v = structured_qkv(batch=1, heads=4, n=1200, d=16, groups=6, seed=11)
     gen = torch.Generator().manual_seed(11)
-    q[:, 1], k[:, 1] = 3 * torch.randn(900, 16, generator=gen), 3 * torch.randn(900, 16, generator=gen)
+    q[:, 2:] += 2 * torch.randn(2, 1200, 16, generator=gen)  # two heads with spread attention
     cache = RunCache()
     cache.start_run(3)
     config = from_dict({**SMALL, "dense_layer_fraction": 0.0, "initial_key_clusters": 24,
-                        "selection": {"top_k": 8, "head_budget_error": 0.1, "min_kept_fraction": 0.0,
-                                      "own_clusters": False}})
+                        "selection": {"top_k": 8, "min_kept_fraction": 0.0, "own_clusters": False}})
     runner = SparseAttention(config, cache)
-    assert runner.method.budget_candidates() == (2, 4, 8, 16)
+    assert runner.method.budget_candidates() == (4, 8, 16, 32)
     runner(q, k, v, CallInfo(0, 0, 3, (0,)), dense=lambda: dense_reference(q, k, v))
-    chosen = cache.state(0, 0).head_top_k.tolist()
-    assert set(chosen) <= {2, 4, 8, 16} and chosen[0] < chosen[1], chosen
+    state = cache.state(0, 0)
+    assert state.probe_error.shape == state.probe_kept.shape == (4, 4) and state.head_top_k is None
+    assert runner.decide(q.shape, k.shape, CallInfo(0, 1, 3, (0,))) is None  # settles the budgets
+    chosen = state.head_top_k.tolist()
+    index = [runner.method.budget_candidates().index(c) for c in chosen]
+    heads = list(range(4))
+    assert float(state.probe_error[heads, index].sum()) <= float(state.probe_error[:, 1].sum()) * (1 + 1e-6)
+    assert float(state.probe_kept[heads, index].sum()) <= float(state.probe_kept[:, 1].sum())
     plan = runner.method.plan(q, k, CallInfo(0, 1, 3, (0,)))
-    per_cluster = plan.layout.selected.sum(-1)  # (1, 2, Cq): key clusters kept per query cluster
-    assert int(per_cluster[0, 0].max()) <= chosen[0] and int(per_cluster[0, 1].max()) == chosen[1]
+    per_cluster = plan.layout.selected.sum(-1)  # (1, 4, Cq): key clusters kept per query cluster
+    for head, top_k in enumerate(chosen):
+        assert int(per_cluster[0, head].max()) == min(top_k, int(state.k_counts[head])), (head, chosen)
+
+
+@pytest.mark.parametrize("shared_heads", [False, True])
+def test_matched_budget_gives_spread_heads_more_keys_and_may_run_a_dense_layer_sparse(shared_heads):
+    """The allocation reads what calibration measured: with the measurements set to known curves, the heads
+    whose error falls most with more keys get the larger Top-K, and the layer the plain rule runs dense runs
+    sparse at four times the Top-K, which is cheaper for no more summed error. Where processes share the
+    heads of a layer (an agreement on the dense layers is given) the agreed dense layers stay dense."""
+    q, k, v = structured_qkv(batch=1, heads=4, n=700, d=16, seed=14)
+    cache = RunCache()
+    cache.start_run(3)
+    config = from_dict({**SMALL, "dense_layer_fraction": 0.5, "dense_error_threshold": 0.0,
+                        "selection": {"top_k": 8, "min_kept_fraction": 0.0}})
+    runner = SparseAttention(config, cache, dense_layer_agreement=(lambda c: c) if shared_heads else None)
+    run_steps(runner, q, k, v, 1, layers=2, branches=(0,))
+    # (squared error, kept) per candidate Top-K: concentrated heads gain little from more keys, spread ones much
+    concentrated = ([0.03, 0.01, 0.005, 0.002], [0.05, 0.15, 0.25, 0.4])
+    spread = ([4.0, 2.0, 1.0, 0.5], [0.05, 0.09, 0.11, 0.2])
+    dense_layer = ([8.0, 4.0, 1.0, 0.1], [0.05, 0.09, 0.17, 0.33])  # layer 1: the plain rule runs it dense
+    measured = {0: ([concentrated, concentrated, spread, spread], 0.01), 1: ([dense_layer] * 4, 0.5)}
+    for layer, (curves, error) in measured.items():
+        state = cache.state(layer, 0)
+        state.probe_error = torch.tensor([c[0] for c in curves])
+        state.probe_kept = torch.tensor([c[1] for c in curves])
+        state.probe_reference = torch.ones(4)
+        state.calibration_error = torch.tensor(error)
+    assert runner.decide(q.shape, k.shape, CallInfo(0, 1, 3, (0,))) is None
+    first = cache.state(0, 0).head_top_k.tolist()
+    assert max(first[:2]) < min(first[2:]), first
+    if shared_heads:
+        assert cache.dense_layers == frozenset({1}) and cache.state(1, 0).head_top_k is None
+    else:
+        assert cache.dense_layers == frozenset() and cache.state(1, 0).head_top_k.tolist() == [32] * 4
+
+
+def test_fixed_budget_measures_one_top_k_and_sets_no_head_budgets():
+    q, k, v = structured_qkv(batch=1, heads=2, n=900, d=16, groups=4, seed=13)
+    cache = RunCache()
+    cache.start_run(3)
+    config = from_dict({**SMALL, "selection": {"top_k": 8, "budget": "fixed"}})
+    runner = SparseAttention(config, cache)
+    assert runner.method.budget_candidates() == (8,)
+    run_steps(runner, q, k, v, 2, branches=(0,))
+    state = cache.state(0, 0)
+    assert state.calibration_error is not None and state.head_top_k is None and state.probe_error is None
 
 
 def test_budget_schedule_changes_top_k_per_step():
@@ -248,3 +298,13 @@ def test_budget_schedule_changes_top_k_per_step():
         plan = runner.method.plan(q, k, CallInfo(0, step, 8, (0,)))
         widest[step] = int(plan.layout.selected.sum(-1).max())
     assert widest == {1: 8, 4: 4, 7: 2}, widest
+
+
+def test_profile_with_bad_per_head_top_k_is_rejected(tmp_path):
+    from safetensors.torch import save_file
+    path = tmp_path / "bad_top_k.safetensors"
+    tensors = {"layers": torch.tensor([0, 1]), "counts": torch.full((2, 3), 8), "dense": torch.tensor([False, False]),
+               "top_k": torch.full((2, 2), 16)}
+    save_file(tensors, str(path), metadata={"format": "adacluster-profile/1", "heads": "3", "tokens": "100"})
+    with pytest.raises(ConfigError, match="per-head Top-K of shape"):
+        load_profile(path)

@@ -9,12 +9,15 @@ from typing import Optional
 
 import torch
 
-from .. import clustering, selection
+from .. import budget, clustering, selection
 from ..cache import BranchState, RunCache
 from ..clustering import Clusters
 from ..config import AdaClusterConfig
 from ..schedule import Phase, phase_of
 from .base import PassResult, Plan, SparseMethod
+
+# the Top-K multiples measured at calibration for the budget allocation (config.selection.budget "matched")
+BUDGET_FACTORS = (0.5, 1.0, 2.0, 4.0)
 
 
 class AdaCluster(SparseMethod):
@@ -26,7 +29,7 @@ class AdaCluster(SparseMethod):
         self.config = config
         self.dense_layer_fraction = config.dense_layer_fraction
         # dense layers ranked by measured error, and per-head budgets, are measured at the calibration step
-        self.probes_at_pass = config.dense_layers_by == "error" or bool(self.budget_candidates())
+        self.probes_at_pass = config.dense_layers_by == "error" or len(self.budget_candidates()) > 1
         self.dense_layer_min_score = config.dense_error_threshold if config.dense_layers_by == "error" else None
 
     def phase(self, step: int, total_steps: int) -> Phase:
@@ -59,36 +62,61 @@ class AdaCluster(SparseMethod):
                 tuple(t.data_ptr() for s in states for t in s.tensors()))
 
     def budget_candidates(self) -> tuple:
-        """The per-head Top-K values the calibration step chooses from (empty: one Top-K for every head)."""
+        """The Top-K values the calibration step measures every head at, in increasing order (one: the
+        config's Top-K, where budgets are not chosen)."""
         sel = self.config.selection
-        if sel.head_budget_error <= 0 or sel.count != "topk":
-            return ()
-        return tuple(sorted({max(1, round(sel.top_k * f)) for f in (0.25, 0.5, 1.0, 2.0)}))
+        if sel.budget != "matched" or sel.count != "topk":
+            return (sel.top_k,)
+        return tuple(sorted({max(1, round(sel.top_k * f)) for f in BUDGET_FACTORS}))
 
     def probe(self, q, k, call, reference, execute) -> None:
-        """At calibration: each head's Top-K (the smallest candidate whose output is within
-        selection.head_budget_error of dense, else the largest), and the layer's error with those budgets,
-        which ranks the dense layers."""
+        """At calibration: each head's squared error against dense and kept fraction at every candidate Top-K
+        (kept for ``settle_budgets``), and the layer's error at the config's Top-K, which ranks the dense
+        layers."""
         qc, kc = self.cluster(q, k, call)
-        candidates = self.budget_candidates() or (self.config.selection.top_k,)
+        # with a calibration profile the budgets are the profile's, and the dense layers too
+        candidates = self.budget_candidates() if self.cache.profile is None else (self.config.selection.top_k,)
         ref_sq = squared_norms(reference)  # (B, H)
-        diff_sq = []
+        diff_sq, kept = [], []
         for top_k in candidates:
             per_head = torch.full(ref_sq.shape, top_k, device=q.device)
-            out = execute(selection.build_layout(q, k, qc, kc, self.config.selection, top_k=per_head))
+            layout, layout_kept = selection.plan_layout(q, k, qc, kc, self.config.selection, top_k=per_head)
+            out = execute(layout)
             diff_sq.append(squared_norms(out, reference))
-            del out
-        diff_sq = torch.stack(diff_sq, dim=-1)  # (B, H, candidates)
-        head_error = (diff_sq / ref_sq.clamp_min(1e-24).unsqueeze(-1)).sqrt()
-        choice = smallest_within(head_error, self.config.selection.head_budget_error)  # (B, H)
-        chosen_sq = diff_sq.gather(-1, choice.unsqueeze(-1)).squeeze(-1)
-        layer_error = (chosen_sq.sum(-1) / ref_sq.sum(-1).clamp_min(1e-24)).sqrt()  # (B,)
-        top_k = torch.tensor(candidates, device=q.device)[choice]
+            kept.append(layout_kept.float())
+            del out, layout
+        diff_sq, kept = torch.stack(diff_sq, dim=-1), torch.stack(kept, dim=-1)  # (B, H, candidates)
+        plain = candidates.index(self.config.selection.top_k)
+        layer_error = (diff_sq[..., plain].sum(-1) / ref_sq.sum(-1).clamp_min(1e-24)).sqrt()  # (B,)
         for b, branch in enumerate(call.branches[:q.shape[0]]):
             state = self.cache.state(call.layer, branch)
             state.calibration_error = layer_error[b]
             if len(candidates) > 1:
-                state.head_top_k = top_k[b]
+                state.probe_error, state.probe_kept, state.probe_reference = diff_sq[b], kept[b], ref_sq[b]
+
+    def settle_budgets(self, dense_layers: frozenset, fixed_dense: frozenset) -> frozenset:
+        """Sets each calibrated head's Top-K by ``budget.allocate_budgets`` and returns the dense layers:
+        those of ``dense_layers`` the allocation keeps dense, plus ``fixed_dense`` (which always run dense).
+        Layers without a full measurement keep the config's Top-K."""
+        candidates = self.budget_candidates()
+        if len(candidates) == 1:
+            return dense_layers
+        tables = {}
+        for layer, states in self.cache.clustering_states().items():
+            if layer in fixed_dense or any(s.probe_error is None for s in states):
+                continue
+            tables[layer] = (states, tuple(torch.cat([getattr(s, name).cpu() for s in states])
+                                           for name in ("probe_error", "probe_kept", "probe_reference")))
+        chosen = budget.allocate_budgets({layer: t for layer, (_, t) in tables.items()},
+                                         candidates.index(self.config.selection.top_k),
+                                         frozenset(dense_layers) - fixed_dense)
+        values = torch.tensor(candidates)
+        for layer, (states, _) in tables.items():
+            if chosen[layer] is None:
+                continue
+            for state, rows in zip(states, chosen[layer].split([s.probe_error.shape[0] for s in states])):
+                state.head_top_k = values[rows].to(state.k_counts.device)
+        return frozenset(layer for layer in dense_layers if tables.get(layer) is None or chosen[layer] is None)
 
     def dense_layer_candidates(self, step: int) -> Optional[dict]:
         # decided once every layer has been calibrated: at the first sparse step, or after step 0 when there
@@ -146,9 +174,12 @@ class AdaCluster(SparseMethod):
         """Full clustering of one batch element; stores the branch state. Returns (H,) key counts."""
         gen = clustering.head_generators(self.config.seed, call.layer, call.heads or range(q.shape[1]))
         qc, kc, hard = self._initial_clusters(q, k, call, gen)
-        self.cache.set_state(call.layer, call.branches[b], BranchState(
-            q_centroids=qc.centroids[0].to(q.dtype), k_centroids=kc.centroids[0].to(k.dtype),
-            k_counts=kc.counts[0], hard=hard, tokens=q.shape[-2]))
+        state = BranchState(q_centroids=qc.centroids[0].to(q.dtype), k_centroids=kc.centroids[0].to(k.dtype),
+                            k_counts=kc.counts[0], hard=hard, tokens=q.shape[-2])
+        profile_top_k = self.cache.profile.top_k_for(call.layer) if self.cache.profile is not None else None
+        if profile_top_k is not None and len(self.budget_candidates()) > 1:
+            state.head_top_k = profile_top_k.to(q.device)
+        self.cache.set_state(call.layer, call.branches[b], state)
         return kc.counts[0]
 
     def _warm_start(self, q, k, call):
@@ -171,13 +202,6 @@ class AdaCluster(SparseMethod):
             s.q_centroids = qc.centroids[b].to(q.dtype)
             s.k_centroids = kc.centroids[b, :, :k_slots[b]].to(k.dtype)
         return qc, kc
-
-
-def smallest_within(errors: torch.Tensor, target: float) -> torch.Tensor:
-    """Index of the first candidate (last dim, in increasing budget) whose error is within ``target``, or of
-    the last candidate where none is."""
-    meets = errors <= target
-    return torch.where(meets.any(-1), meets.to(torch.int8).argmax(-1), errors.shape[-1] - 1)
 
 
 def squared_norms(x: torch.Tensor, minus: Optional[torch.Tensor] = None) -> torch.Tensor:

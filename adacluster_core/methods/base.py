@@ -77,6 +77,12 @@ class SparseMethod:
         while the decision cannot be made yet. The default: no dense layers."""
         return {}
 
+    def settle_budgets(self, dense_layers: frozenset, fixed_dense: frozenset) -> frozenset:
+        """Called once with the dense layers the runner picked: the method may set its budgets from what its
+        passes measured and run some of them sparse (never those of ``fixed_dense``). Returns the dense
+        layers. The default: all of them, no budgets."""
+        return dense_layers
+
     def graph_key(self, call) -> Optional[Hashable]:
         """What a sparse call's work depends on besides the shapes of q, k, v, when ``plan`` can be captured in
         a CUDA graph (no host synchronisation, persistent state written in place, ``Plan.key_counts`` set);

@@ -41,9 +41,9 @@ NOISE_POINTS = {"high": 0.1, "middle": 0.5, "low": 0.8}  # measured steps as fra
 def selection_settings() -> dict:
     """Name -> SelectionConfig swept in the selection part (locality and tail on, as in the default; one
     Top-K for every head, since per-head budgets are chosen at calibration, which the schedule part runs)."""
-    settings = {f"top-k {k}": SelectionConfig(count="topk", top_k=k, head_budget_error=0.0) for k in (4, 8, 12, 16, 24)}
+    settings = {f"top-k {k}": SelectionConfig(count="topk", top_k=k, budget="fixed") for k in (4, 8, 12, 16, 24)}
     for p in (0.7, 0.8, 0.9):
-        settings[f"mass {p}"] = SelectionConfig(count="mass", top_p=p, head_budget_error=0.0)
+        settings[f"mass {p}"] = SelectionConfig(count="mass", top_p=p, budget="fixed")
     return settings
 
 
@@ -76,11 +76,14 @@ def schedule_variants(preset: str, steps: int = 50) -> dict:
                                                              "selection": by_noise(2, 0.5)},
         # budgets per head, one Top-K on every step, 3 warm-up steps whatever the length (README, first table)
         "3 warm-up steps, no dense layers, Top-K 16 for every head": {
-            "warmup_steps": 3, "dense_layer_fraction": 0.0, "selection": by_noise(1, 1)},
+            "warmup_steps": 3, "dense_layer_fraction": 0.0, "selection": {"budget": "fixed", **by_noise(1, 1)}},
         "3 warm-up steps, no dense layers, Top-K 8 for every head": {
-            "warmup_steps": 3, "dense_layer_fraction": 0.0, "selection": {"top_k": 8, **by_noise(1, 1)}},
-        "3 warm-up steps, no dense layers, per-head budget 0.05": {
-            "warmup_steps": 3, "dense_layer_fraction": 0.0, "selection": {"head_budget_error": 0.05, **by_noise(1, 1)}},
+            "warmup_steps": 3, "dense_layer_fraction": 0.0, "selection": {"top_k": 8, "budget": "fixed", **by_noise(1, 1)}},
+        "3 warm-up steps, no dense layers, matched budget": {
+            "warmup_steps": 3, "dense_layer_fraction": 0.0, "selection": by_noise(1, 1)},
+        # the default's budget allocation against one Top-K for every head and the plain dense-layer rule
+        "preset, one Top-K for every head": {"warmup_steps": warmup(load_preset(preset).warmup_steps),
+                                             "selection": {"budget": "fixed"}},
     }
 
 

@@ -53,8 +53,12 @@ from typing import Callable, Optional
 
 import torch
 
+import yaml
+
 from .. import graphs
+from ..config import ConfigError
 from ..jsonable import finite_json
+from ...nodes.widgets import WIDGETS, check_widget_values
 
 PACK_ROOT = Path(__file__).resolve().parents[2]
 WAN_TEXT_TOKENS = 512
@@ -583,11 +587,11 @@ def relative_error(x: torch.Tensor, reference: torch.Tensor) -> float:
     return float((x - reference).norm() / reference.norm().clamp_min(1e-30))
 
 
-def _widgets(spec: ModelSpec, tiny: bool, cuda_graphs: bool = False, **changes) -> dict:
+def _widgets(spec: ModelSpec, args, **changes) -> dict:
     """The AdaCluster node's widget values: the preset's defaults, the tiny clusterings with --tiny, the
-    "CUDA graphs" widget on with --cuda-graphs."""
-    return {"preset": spec.family, **(TINY_WIDGETS if tiny else {}), **({"cuda_graphs": True} if cuda_graphs else {}),
-            **changes}
+    "CUDA graphs" widget on with --cuda-graphs, the --widget values."""
+    return {"preset": spec.family, **(TINY_WIDGETS if args.tiny else {}),
+            **({"cuda_graphs": True} if args.cuda_graphs else {}), **args.widgets, **changes}
 
 
 def benchmark_case(name: str, case: Case, args, device: torch.device, dtype: torch.dtype, progress) -> dict:
@@ -638,7 +642,7 @@ def benchmark_case(name: str, case: Case, args, device: torch.device, dtype: tor
     # AdaCluster through the node's own code path, warm-up 1: the first sampled step calibrates.
     # A sampled slice is a run of its own to the node (its steps count from 0), so each slice runs one Top-K
     # on every step, and the budget schedule's multipliers are timed one slice each (base Top-K x multiplier).
-    widgets = _widgets(spec, args.tiny, args.cuda_graphs, warmup_steps=1, budget_schedule=BUDGET_CONSTANT)
+    widgets = _widgets(spec, args, warmup_steps=1, budget_schedule=BUDGET_CONSTANT)
     patched = apply_patch(base, **widgets)
     patch = comfy_adapter.find_patch(patched)
     if patch is None:
@@ -659,7 +663,7 @@ def benchmark_case(name: str, case: Case, args, device: torch.device, dtype: tor
     num_layers = comfy_adapter.detect_family(base).num_layers
     t_cal = sparse["step_ms"][0]
     # The slice above timed Top-K multiplier 1; one more slice times each other multiplier the run uses.
-    scale_of = _budget_phases(spec, args.tiny, args.steps)
+    scale_of = _budget_phases(spec, args)
     base_top_k = patch.config.selection.top_k
     samples = {1.0: _sample(sparse["step_ms"], layers)}
     for scale in sorted(set(scale_of.values()) - set(samples)):
@@ -750,11 +754,12 @@ def targets(name: str, row: dict) -> list:
     return out
 
 
-def _budget_phases(spec: ModelSpec, tiny: bool, steps: int) -> dict:
-    """{step: Top-K multiplier} for every sparse step of a full run with the node's default widgets."""
+def _budget_phases(spec: ModelSpec, args) -> dict:
+    """{step: Top-K multiplier} for every sparse step of a full run with the benchmark's widgets."""
     from ...nodes.widgets import config_from_widgets
 
-    config = config_from_widgets(spec.family, **{k: v for k, v in _widgets(spec, tiny).items() if k != "preset"})
+    steps = args.steps
+    config = config_from_widgets(spec.family, **{k: v for k, v in _widgets(spec, args).items() if k != "preset"})
     return {step: config.selection.top_k_scale(step, steps) for step in range(config.warmup_steps, steps)}
 
 
@@ -781,9 +786,9 @@ def _sparse_steps_ms(scale_of: dict, samples: dict) -> float:
     return total
 
 
-def _extra_slices(case: Case, tiny: bool, steps: int) -> int:
+def _extra_slices(case: Case, args) -> int:
     """Slices beyond the first that benchmark_case samples: one per Top-K multiplier other than 1."""
-    return len(set(_budget_phases(MODELS[case.model], tiny, steps).values()) - {1.0})
+    return len(set(_budget_phases(MODELS[case.model], args).values()) - {1.0})
 
 
 def _kept(layers) -> float:
@@ -841,7 +846,7 @@ def vram_check(name: str, case: Case, args, device: torch.device, dtype: torch.d
     progress.set_description(f"VRAM check {name}: dense run")
     dense = bench.run(base, 0, 2)  # also settles the model on the device and the library workspaces
     baseline = allocated()
-    patched = apply_patch(base, **_widgets(spec, args.tiny, args.cuda_graphs, warmup_steps=1))
+    patched = apply_patch(base, **_widgets(spec, args, warmup_steps=1))
     patch = comfy_adapter.find_patch(patched)
     runs, failures = [], []
     for i in range(5):
@@ -1071,9 +1076,22 @@ def parse_args(argv=None):
     p.add_argument("--no-core", dest="core", action="store_false", help="skip the core sparse node's row")
     p.add_argument("--cuda-graphs", action="store_true",
                    help="turn the node's 'CUDA graphs' widget on (steady sparse calls replayed as CUDA graphs)")
+    p.add_argument("--widget", dest="widget_items", action="append", default=[], metavar="NAME=VALUE",
+                   help="an AdaCluster node widget value for the sparse runs, read as YAML, e.g. "
+                   "'head_budgets=one Top-K' (repeatable)")
     p.add_argument("--out", default="output/model_bench", help="folder for the JSON and PNG files")
     p.add_argument("--no-progress", dest="progress", action="store_false")
     args = p.parse_args(argv)
+    args.widgets = {}
+    for item in args.widget_items:
+        name, sep, value = item.partition("=")
+        if not sep or not name.strip():
+            p.error(f"--widget {item!r}: expected NAME=VALUE")
+        args.widgets[name.strip()] = yaml.safe_load(value)
+    try:
+        check_widget_values(WIDGETS, args.widgets)
+    except ConfigError as error:
+        p.error(f"--widget: {error}")
     args.steps = args.steps or (12 if args.tiny else 50)
     args.measure_steps = args.measure_steps or (2 if args.tiny else 3)
     if args.measure_steps < 1:
@@ -1125,7 +1143,7 @@ def _main(args) -> int:
     # dense, AdaCluster, core node, warm-ups
     per_case = (3 if args.core else 2) * count + ((4 if args.core else 3) if args.warmup_run and cuda else 0)
     total = (len(cases) * (2 + 5 * 2 + 2) if args.vram_check else
-             sum(per_case + _extra_slices(c, args.tiny, args.steps) * count for _, c in cases))
+             sum(per_case + _extra_slices(c, args) * count for _, c in cases))
     progress = _Progress(total, args.progress)
     header = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
               "torch": torch.__version__, "comfyui": comfyui_version(root), "comfyui_path": str(root),

@@ -39,6 +39,17 @@ def test_budget_schedule_widget():
         widgets.config_from_widgets("wan", budget_schedule="fast")
 
 
+def test_head_budgets_widget():
+    """'matched to error' keeps the selection's budgets (hybrid: matched; paper: one Top-K, as published),
+    'one Top-K' asks for the same Top-K for every head; graphs without the widget get the default."""
+    assert widgets.config_from_widgets("wan").selection.budget == "matched"
+    assert widgets.config_from_widgets("wan", head_budgets="matched to error").selection.budget == "matched"
+    assert widgets.config_from_widgets("wan", head_budgets="one Top-K").selection.budget == "fixed"
+    assert widgets.config_from_widgets("wan", head_budgets="matched to error", selection="paper").selection.budget == "fixed"
+    with pytest.raises(ConfigError, match="head_budgets = 'many' is not one of"):
+        widgets.config_from_widgets("wan", head_budgets="many")
+
+
 def test_widget_values_map_to_config_fields():
     config = widgets.config_from_widgets("cogvideox", sparsity_threshold=2.25, query_clusters=33, initial_top_k=17,
                                          top_k_clusters=9, dense_layer_fraction=0.2, selection="paper", min_tokens=513)
@@ -79,7 +90,7 @@ def test_every_combo_lists_its_default_first():
     tables = list(widgets.WIDGETS) + list(widgets.REPORT_WIDGETS)
     combos = [w for w in tables if w.kind == "COMBO"]
     assert {w.name for w in combos} == {"preset", "dense_layers_by", "selection", "calibration_profile",
-                                        "budget_schedule"}
+                                        "budget_schedule", "head_budgets"}
     for w in combos:
         assert w.option_list()[0] == w.default, w.name
     assert widgets.WIDGETS_BY_NAME["dense_layers_by"].option_list() == ["error", "clusters"]
