@@ -52,11 +52,13 @@ def test_cheapest_within_is_none_when_the_limit_is_out_of_reach():
     assert budget.cheapest_within(error, cost, float(error.min(-1).values.sum()) * 0.5) is None
 
 
-def layer_table(heads, seed, spread=1.0):
-    """(squared error, kept, squared norm) of a layer over 5 Top-K candidates, per head."""
+def layer_table(heads, seed):
+    """(squared error, kept, squared norm) of a layer over 5 Top-K candidates, per head: every other head
+    concentrated (its error barely falls with more keys), the others spread to a random degree."""
     gen = torch.Generator().manual_seed(seed)
     kept = torch.tensor([0.03, 0.05, 0.09, 0.17, 0.33]).expand(heads, 5).clone()
-    scale = spread * torch.rand(heads, 1, generator=gen) + 0.05  # how spread each head's attention is
+    scale = torch.rand(heads, 1, generator=gen) + 0.5
+    scale[::2] = 0.01
     diff_sq = scale * torch.tensor([1.0, 0.55, 0.3, 0.16, 0.08])
     return diff_sq, kept, torch.ones(heads)
 
@@ -70,16 +72,17 @@ def layer_error_and_work(table, choice):
 
 
 def test_allocation_keeps_fewer_keys_at_no_more_error_than_the_plain_rule():
-    layers = {layer: layer_table(8, seed=layer, spread=3.0 if layer == 2 else 1.0) for layer in range(6)}
+    layers = {layer: layer_table(16, seed=layer) for layer in range(12)}
     layers[5] = (layers[5][0] * 40, layers[5][1], layers[5][2])  # a hard layer: the plain rule runs it dense
     chosen = budget.allocate_budgets(layers, base=2, may_run_dense=frozenset({5}))
-    plain = {layer: (None if layer == 5 else torch.full((8,), 2)) for layer in layers}
+    plain = {layer: (None if layer == 5 else torch.full((16,), 2)) for layer in layers}
     new = [layer_error_and_work(layers[layer], chosen[layer]) for layer in layers]
     old = [layer_error_and_work(layers[layer], plain[layer]) for layer in layers]
-    assert sum(e for e, _ in new) <= sum(e for e, _ in old) * (1 + 1e-6)
+    assert sum(e for e, _ in new) <= budget.ERROR_MARGIN * sum(e for e, _ in old) * (1 + 1e-6)
     assert sum(w for _, w in new) < sum(w for _, w in old)
-    # heads differ in how spread they are, so their budgets differ
-    assert len(set(chosen[0].tolist())) > 1
+    # concentrated heads (even) get smaller budgets than spread ones (odd)
+    sparse = torch.stack([chosen[layer] for layer in layers if chosen[layer] is not None]).float()
+    assert float(sparse[:, ::2].mean()) < float(sparse[:, 1::2].mean())
 
 
 def test_allocation_without_room_keeps_the_plain_rule():

@@ -226,6 +226,10 @@ def test_matched_budget_measures_every_candidate_and_never_errs_more_than_one_to
     runner(q, k, v, CallInfo(0, 0, 3, (0,)), dense=lambda: dense_reference(q, k, v))
     state = cache.state(0, 0)
     assert state.probe_error.shape == state.probe_kept.shape == (4, 4) and state.head_top_k is None
+    # the largest candidate is measured only where the layer's error at the Top-K is above the dense threshold
+    plain_error = float((state.probe_error[:, 1].sum() / state.probe_reference.sum()).sqrt())
+    assert bool(torch.isfinite(state.probe_error[:, 3]).all()) == (plain_error > config.dense_error_threshold)
+    assert bool(torch.isfinite(state.probe_error[:, :3]).all())
     assert runner.decide(q.shape, k.shape, CallInfo(0, 1, 3, (0,))) is None  # settles the budgets
     chosen = state.head_top_k.tolist()
     index = [runner.method.budget_candidates().index(c) for c in chosen]

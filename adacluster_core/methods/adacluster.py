@@ -70,24 +70,32 @@ class AdaCluster(SparseMethod):
         return tuple(sorted({max(1, round(sel.top_k * f)) for f in BUDGET_FACTORS}))
 
     def probe(self, q, k, call, reference, execute) -> None:
-        """At calibration: each head's squared error against dense and kept fraction at every candidate Top-K
-        (kept for ``settle_budgets``), and the layer's error at the config's Top-K, which ranks the dense
-        layers."""
+        """At calibration: each head's squared error against dense and kept fraction at the candidate Top-K
+        values (kept for ``settle_budgets``), and the layer's error at the config's Top-K, which ranks the
+        dense layers. The largest candidate costs about as much as the others together and matters where a
+        layer might run dense, so it is measured only where the layer's error is above the dense-layer
+        threshold (elsewhere it is no option)."""
         qc, kc = self.cluster(q, k, call)
         # with a calibration profile the budgets are the profile's, and the dense layers too
         candidates = self.budget_candidates() if self.cache.profile is None else (self.config.selection.top_k,)
         ref_sq = squared_norms(reference)  # (B, H)
-        diff_sq, kept = [], []
-        for top_k in candidates:
+
+        def measure(top_k):
             per_head = torch.full(ref_sq.shape, top_k, device=q.device)
             layout, layout_kept = selection.plan_layout(q, k, qc, kc, self.config.selection, top_k=per_head)
-            out = execute(layout)
-            diff_sq.append(squared_norms(out, reference))
-            kept.append(layout_kept.float())
-            del out, layout
-        diff_sq, kept = torch.stack(diff_sq, dim=-1), torch.stack(kept, dim=-1)  # (B, H, candidates)
+            return squared_norms(execute(layout), reference), layout_kept.float()
+
+        measured = [measure(top_k) for top_k in candidates[:-1]] if len(candidates) > 1 else []
         plain = candidates.index(self.config.selection.top_k)
-        layer_error = (diff_sq[..., plain].sum(-1) / ref_sq.sum(-1).clamp_min(1e-24)).sqrt()  # (B,)
+        plain_sq = measured[plain][0] if plain < len(measured) else None
+        if plain_sq is None or float(layer_relative_error(plain_sq, ref_sq).max()) > self.config.dense_error_threshold:
+            measured.append(measure(candidates[-1]))
+        else:
+            unmeasured = torch.full_like(ref_sq, float("inf"))
+            measured.append((unmeasured, unmeasured))
+        diff_sq = torch.stack([m[0] for m in measured], dim=-1)  # (B, H, candidates)
+        kept = torch.stack([m[1] for m in measured], dim=-1)
+        layer_error = layer_relative_error(diff_sq[..., plain], ref_sq)  # (B,)
         for b, branch in enumerate(call.branches[:q.shape[0]]):
             state = self.cache.state(call.layer, branch)
             state.calibration_error = layer_error[b]
@@ -202,6 +210,11 @@ class AdaCluster(SparseMethod):
             s.q_centroids = qc.centroids[b].to(q.dtype)
             s.k_centroids = kc.centroids[b, :, :k_slots[b]].to(k.dtype)
         return qc, kc
+
+
+def layer_relative_error(diff_sq: torch.Tensor, ref_sq: torch.Tensor) -> torch.Tensor:
+    """(B,) relative L2 of a layer's output over its heads, from squared errors and norms (B, H)."""
+    return (diff_sq.sum(-1) / ref_sq.sum(-1).clamp_min(1e-24)).sqrt()
 
 
 def squared_norms(x: torch.Tensor, minus: Optional[torch.Tensor] = None) -> torch.Tensor:
