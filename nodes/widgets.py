@@ -76,8 +76,8 @@ WIDGETS: tuple = (
            "same Top-K keep fewer keys (published value 100).", "initial top-K (key clusters)",
            1, 4096, 1, config_key="initial_key_clusters"),
     Widget("top_k_clusters", "INT", TOP_K_FROM_SELECTION, "Key clusters every query cluster attends. 0 uses the "
-           "selection's own value ('hybrid' 16, 'paper' 64). A value at or above a layer's key cluster count keeps "
-           "every cluster of that layer (exact attention). 'svg2' keeps the smallest set of clusters holding 90% "
+           "selection's own value ('hybrid' 16, 'paper' 64); with matched head budgets each head gets half to four "
+           "times it. A value at or above a layer's key cluster count keeps every cluster of that layer (exact attention). 'svg2' keeps the smallest set of clusters holding 90% "
            "of the attention mass instead and ignores this value.", "Top-K clusters", TOP_K_FROM_SELECTION, 4096, 1,
            config_key="selection.top_k"),
     Widget("warmup_steps", "INT", WARMUP_FROM_PRESET, "Sampler steps that run dense before sparse attention starts; "
@@ -86,7 +86,8 @@ WIDGETS: tuple = (
            "warm-up steps", WARMUP_FROM_PRESET, 10000, 1, config_key="warmup_steps"),
     Widget("dense_layer_fraction", "FLOAT", 0.15, "The most layers that stay dense, as a share of all layers: after "
            "calibration the layers chosen by 'dense layers by' (plus any layer that is hard to compress) run full "
-           "attention.",
+           "attention; with matched head budgets such a layer may run sparse at up to four times the Top-K "
+           "instead, where that keeps fewer keys for no more error.",
            "dense-layer fraction", 0.0, 1.0, 0.01, config_key="dense_layer_fraction"),
     Widget("dense_layers_by", "COMBO", "error", "Which layers use the dense-layer share. 'error': the calibration "
            "step measures every layer's sparse output against dense; of the layers that err most, those above 0.1 "
