@@ -64,6 +64,7 @@ class LayerReport:
     hard: bool
     time_ms: float  # wall time of this layer's attention calls
     clustering_ms: float  # part of time_ms spent in clustering and selection
+    top_k_per_head: list = field(default_factory=list)  # matched budgets (largest over branches); [] where none
 
 
 @dataclass
@@ -94,14 +95,16 @@ class RunReport:
             lines.append(f"dense because {reason}: {count} calls")
         if self.captured_graphs:
             lines.append(f"CUDA graphs: {self.captured_graphs} captured, {self.replayed_calls} sparse calls replayed")
-        lines.append("layer  sparse  dense  kept%  key clusters  time ms  clustering ms")
+        lines.append("layer  sparse  dense  kept%  key clusters  Top-K   time ms  clustering ms")
         for r in self.layers:
             kept = "   -" if r.kept_fraction != r.kept_fraction else f"{100 * r.kept_fraction:5.1f}"
             clusters = (f"{sum(r.key_clusters_per_head) / len(r.key_clusters_per_head):7.1f}"
                         if r.key_clusters_per_head else "      -")
             flag = " dense-layer" if r.dense_layer else ""
+            low, high = (min(r.top_k_per_head), max(r.top_k_per_head)) if r.top_k_per_head else (None, None)
+            top_k = "-" if low is None else (f"{low}" if low == high else f"{low}-{high}")
             lines.append(f"{r.layer:5d}  {r.sparse_calls:6d}  {r.dense_calls:5d}  {kept:>5}  {clusters:>12}  "
-                         f"{r.time_ms:7.1f}  {r.clustering_ms:13.1f}{flag}")
+                         f"{top_k:>6}  {r.time_ms:7.1f}  {r.clustering_ms:13.1f}{flag}")
         return "\n".join(lines)
 
 
@@ -230,6 +233,15 @@ class RunCache:
                         bool(torch.stack([s.hard.any().cpu() for s in states]).any()))
                 for layer, states in self.clustering_states().items()}
 
+    def head_budgets(self) -> dict:
+        """layer -> per-head Top-K (largest over branches) for the layers whose budgets were set."""
+        budgets = {}
+        for layer, states in self.clustering_states().items():
+            rows = [s.head_top_k.cpu() for s in states if s.head_top_k is not None]
+            if rows:
+                budgets[layer] = [int(v) for v in torch.stack(rows).amax(0)]
+        return budgets
+
     def calibration_errors(self) -> dict:
         """layer -> largest relative error of the sparse output measured at calibration over its branches,
         for the layers where it was measured."""
@@ -270,6 +282,7 @@ class RunCache:
             if not rec.sparse:
                 reasons[rec.reason] += 1
         calibrated = self.calibrated_layers()
+        budgets = self.head_budgets()
         layers = []
         for layer in sorted(by_layer):
             recs = by_layer[layer]
@@ -287,6 +300,7 @@ class RunCache:
                 hard=calibrated.get(layer, (0.0, False))[1],
                 time_ms=sum(r.total.milliseconds() for r in recs),
                 clustering_ms=sum(r.clustering.milliseconds() for r in recs if r.clustering is not None),
+                top_k_per_head=budgets.get(layer, []),
             ))
         step_rows = [{"step": s, "sparse_calls": v[0], "dense_calls": v[1]} for s, v in sorted(steps.items())]
         return RunReport(self.method, self.total_steps, layers, step_rows, dict(reasons),

@@ -65,22 +65,19 @@ class CalibrationProfile:
 def profile_from_cache(cache) -> Optional[CalibrationProfile]:
     """The calibration held by a RunCache (None before any layer was calibrated)."""
     per_layer: dict = {}
-    top_k: dict = {}  # layer -> (H,) largest per-head Top-K over branches; 0 where a branch has none
     heads = tokens = None
     for (layer, _), state in cache.states.items():
         if not isinstance(state, BranchState):  # not a clustering state: nothing to calibrate from
             continue
         counts = state.k_counts.detach().cpu()
         per_layer[layer] = counts if layer not in per_layer else torch.maximum(per_layer[layer], counts)
-        budget = torch.zeros_like(counts) if state.head_top_k is None else state.head_top_k.detach().cpu().long()
-        top_k[layer] = budget if layer not in top_k else torch.where(
-            (top_k[layer] > 0) & (budget > 0), torch.maximum(top_k[layer], budget), torch.zeros_like(budget))
         heads = counts.numel()
         tokens = getattr(state, "tokens", tokens)
     if not per_layer:
         return None
     layers = sorted(per_layer)
-    budgets = torch.stack([top_k[l] for l in layers])
+    set_budgets = cache.head_budgets()  # 0 below: the layer keeps the config's Top-K
+    budgets = torch.tensor([set_budgets.get(l, [0] * heads) for l in layers], dtype=torch.int64)
     return CalibrationProfile(layers, torch.stack([per_layer[l] for l in layers]), cache.dense_layers or frozenset(),
                               heads, tokens or 0, cache.method, budgets if bool((budgets > 0).any()) else None)
 

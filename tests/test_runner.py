@@ -269,6 +269,8 @@ def test_matched_budget_gives_spread_heads_more_keys_and_may_run_a_dense_layer_s
     assert runner.decide(q.shape, k.shape, CallInfo(0, 1, 3, (0,))) is None
     first = cache.state(0, 0).head_top_k.tolist()
     assert max(first[:2]) < min(first[2:]), first
+    report = cache.report()  # the report shows each layer's budgets
+    assert report.layers[0].top_k_per_head == first and "Top-K" in report.to_text()
     if shared_heads:
         assert cache.dense_layers == frozenset({1}) and cache.state(1, 0).head_top_k is None
     else:
