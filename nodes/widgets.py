@@ -118,6 +118,12 @@ WIDGETS: tuple = (
            "the part it covers. 'same every step': "
            "one Top-K on every step, as published ('paper' and 'svg2' always do this).", "budget schedule",
            options=(BUDGET_BY_NOISE, BUDGET_CONSTANT), advanced=True, optional=True),
+    Widget("cuda_graphs", "BOOLEAN", False, "Replay each layer's steady sparse call as a CUDA graph, which saves "
+           "its many small kernel launches (a few ms per call at 480p). Worth it where the CPU cannot stay ahead of the GPU; in "
+           "a plain run it mostly can. Costs about five copies of one layer's query tensor in VRAM, freed when the "
+           "run ends. Ignored when ComfyUI runs with --disable-cuda-graphs.", "CUDA graphs", advanced=True,
+           optional=True, config_key="cuda_graphs"),
+    # new widgets go last: UI-format workflows store widget values by position
     Widget("head_budgets", "COMBO", HEAD_BUDGETS_MATCHED, "How many key clusters each head and layer keeps. "
            "'matched to error': the calibration step measures every head at half to four times the Top-K and "
            "gives keys where they remove the most error, for the fewest kept keys at no more error than one "
@@ -125,11 +131,6 @@ WIDGETS: tuple = (
            "cheaper for the same error ('hybrid' only: 'paper' and 'svg2' keep one Top-K, as published). "
            "'one Top-K': the same Top-K for every head, and the dense layers as picked.", "head budgets",
            options=(HEAD_BUDGETS_MATCHED, HEAD_BUDGETS_ONE), advanced=True, optional=True),
-    Widget("cuda_graphs", "BOOLEAN", False, "Replay each layer's steady sparse call as a CUDA graph, which saves "
-           "its many small kernel launches (a few ms per call at 480p). Worth it where the CPU cannot stay ahead of the GPU; in "
-           "a plain run it mostly can. Costs about five copies of one layer's query tensor in VRAM, freed when the "
-           "run ends. Ignored when ComfyUI runs with --disable-cuda-graphs.", "CUDA graphs", advanced=True,
-           optional=True, config_key="cuda_graphs"),
 )
 WIDGETS_BY_NAME = {w.name: w for w in WIDGETS}
 

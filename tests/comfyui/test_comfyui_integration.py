@@ -250,7 +250,7 @@ def test_object_info_lists_every_combo_default_first(comfy):
                 default = spec[1].get("default", options[0]) if len(spec) > 1 else options[0]
                 assert options[0] == default, (node, name, options, default)
                 checked += 1
-    assert checked == 5  # preset, dense layers by, selection, calibration profile, budget schedule
+    assert checked == 6  # preset, dense layers by, selection, calibration profile, budget schedule, head budgets
     assert _combo_options(_node_inputs(info["AdaClusterSparseAttention"])["selection"]) == ["hybrid", "paper", "svg2"]
 
 
