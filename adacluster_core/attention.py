@@ -86,7 +86,8 @@ class SparseAttention:
     def _dense_layers(self, step: int) -> Optional[frozenset]:
         """The dense-layer set, decided once from the method's candidates: of the layers with the largest
         score, at most the ``dense_layer_fraction`` (nearest count, halves up) whose score is above the
-        method's minimum, plus every layer with a hard head."""
+        method's minimum, plus every layer with a hard head; then the method settles its budgets, which may
+        run some of the chosen layers sparse."""
         cache = self.cache
         if cache.dense_layers is None:
             candidates = self.method.dense_layer_candidates(step)
@@ -98,12 +99,11 @@ class SparseAttention:
                 floor = self.method.dense_layer_min_score
                 chosen = [layer for layer in ranked[:n_dense] if floor is None or candidates[layer][0] > floor]
                 hard = frozenset(layer for layer, (_, is_hard) in candidates.items() if is_hard)
+                dense = frozenset(chosen) | hard
                 # the method's budgets (AdaCluster: per-head Top-K) may run some of the chosen layers sparse;
                 # processes that share the heads of a layer keep the agreed set as it is
-                if self.dense_layer_agreement is None:
-                    cache.dense_layers = self.method.settle_budgets(frozenset(chosen) | hard, hard)
-                else:
-                    cache.dense_layers = self.method.settle_budgets(frozenset(chosen) | hard, frozenset(chosen) | hard)
+                fixed = hard if self.dense_layer_agreement is None else dense
+                cache.dense_layers = self.method.settle_budgets(dense, fixed)
         return cache.dense_layers
 
     # ------------------------------------------------------------------ call
