@@ -82,15 +82,16 @@ def cheapest_within(error: torch.Tensor, cost: torch.Tensor, limit: float) -> Op
         pick[best // error.shape[1]] = best % error.shape[1]
 
 
-def allocate_budgets(layers: dict, base: int, may_run_dense: frozenset) -> dict:
+def allocate_budgets(layers: dict, base: int, may_run_dense: frozenset, sparse_error_cap: float) -> dict:
     """Per-head budgets and dense layers: the fewest kept keys at no more summed layer error than
     ERROR_MARGIN times the plain rule's.
 
     ``layers``: layer -> (squared error (rows, C), kept fraction (rows, C), squared norm of the dense output
     (rows,)), a row per (branch, head), C candidate Top-K values in increasing order (+inf where a candidate
-    was not measured: no option); ``base``: the index of
-    the plain rule's one Top-K; ``may_run_dense``: the layers the plain rule runs dense, the only ones that
-    may stay dense. Returns layer -> (rows,) candidate index per row, or None for a layer that runs dense."""
+    was not measured: no option); ``base``: the index of the plain rule's one Top-K; ``may_run_dense``: the
+    layers the plain rule runs dense, the only ones that may stay dense; such a layer runs sparse only where
+    its error is at most ``sparse_error_cap`` (the dense-layer threshold). Returns layer -> (rows,) candidate
+    index per row, or None for a layer that runs dense."""
     names = sorted(layers)
     if not names:
         return {}
@@ -104,6 +105,9 @@ def allocate_budgets(layers: dict, base: int, may_run_dense: frozenset) -> dict:
         layer_costs = kept[rows, options].mean(-1)
         layer_choices = list(options)
         if layer in may_run_dense:
+            too_far = layer_errors > sparse_error_cap
+            layer_errors = torch.where(too_far, torch.full_like(layer_errors, float("inf")), layer_errors)
+            layer_costs = torch.where(too_far, torch.full_like(layer_costs, float("inf")), layer_costs)
             layer_errors = torch.cat([layer_errors, layer_errors.new_zeros(1)])
             layer_costs = torch.cat([layer_costs, layer_costs.new_ones(1)])
             layer_choices.append(None)

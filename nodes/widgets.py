@@ -87,7 +87,8 @@ WIDGETS: tuple = (
     Widget("dense_layer_fraction", "FLOAT", 0.15, "The most layers that stay dense, as a share of all layers: after "
            "calibration the layers chosen by 'dense layers by' (plus any layer that is hard to compress) run full "
            "attention; with matched head budgets such a layer may run sparse at up to four times the Top-K "
-           "instead, where that keeps fewer keys for no more error.",
+           "instead, where that brings its error under the dense-layer threshold (0.1) and keeps fewer keys for "
+           "no more error.",
            "dense-layer fraction", 0.0, 1.0, 0.01, config_key="dense_layer_fraction"),
     Widget("dense_layers_by", "COMBO", "error", "Which layers use the dense-layer share. 'error': the calibration "
            "step measures every layer's sparse output against dense; of the layers that err most, those above 0.1 "
@@ -127,8 +128,8 @@ WIDGETS: tuple = (
     Widget("head_budgets", "COMBO", HEAD_BUDGETS_MATCHED, "How many key clusters each head and layer keeps. "
            "'matched to error': the calibration step measures every head at half to four times the Top-K and "
            "gives keys where they remove the most error, for the fewest kept keys at no more error than one "
-           "Top-K for every head; a layer picked to run dense may run sparse with a larger Top-K where that is "
-           "cheaper for the same error ('hybrid' only: 'paper' and 'svg2' keep one Top-K, as published). "
+           "Top-K for every head; a layer picked to run dense may run sparse with a larger Top-K where that "
+           "brings it under the dense-layer threshold and is cheaper for the same error ('hybrid' only: 'paper' and 'svg2' keep one Top-K, as published). "
            "'one Top-K': the same Top-K for every head, and the dense layers as picked.", "head budgets",
            options=(HEAD_BUDGETS_MATCHED, HEAD_BUDGETS_ONE), advanced=True, optional=True),
 )

@@ -74,7 +74,7 @@ def layer_error_and_work(table, choice):
 def test_allocation_keeps_fewer_keys_at_no_more_error_than_the_plain_rule():
     layers = {layer: layer_table(16, seed=layer) for layer in range(12)}
     layers[5] = (layers[5][0] * 40, layers[5][1], layers[5][2])  # a hard layer: the plain rule runs it dense
-    chosen = budget.allocate_budgets(layers, base=2, may_run_dense=frozenset({5}))
+    chosen = budget.allocate_budgets(layers, base=2, may_run_dense=frozenset({5}), sparse_error_cap=10.0)
     plain = {layer: (None if layer == 5 else torch.full((16,), 2)) for layer in layers}
     new = [layer_error_and_work(layers[layer], chosen[layer]) for layer in layers]
     old = [layer_error_and_work(layers[layer], plain[layer]) for layer in layers]
@@ -89,9 +89,22 @@ def test_allocation_without_room_keeps_the_plain_rule():
     """Every head alike and the candidates on a straight line: nothing beats one Top-K for every head."""
     kept = torch.tensor([0.1, 0.2, 0.3]).expand(4, 3).clone()
     diff_sq = torch.tensor([3.0, 2.0, 1.0]).expand(4, 3).clone()
-    chosen = budget.allocate_budgets({0: (diff_sq, kept, torch.ones(4))}, base=1, may_run_dense=frozenset())
+    chosen = budget.allocate_budgets({0: (diff_sq, kept, torch.ones(4))}, base=1, may_run_dense=frozenset(),
+                                     sparse_error_cap=0.1)
     assert chosen[0].tolist() == [1, 1, 1, 1]
 
 
 def test_allocation_of_no_layers_is_empty():
-    assert budget.allocate_budgets({}, base=1, may_run_dense=frozenset({3})) == {}
+    assert budget.allocate_budgets({}, base=1, may_run_dense=frozenset({3}), sparse_error_cap=0.1) == {}
+
+
+def test_a_dense_layer_runs_sparse_only_within_the_dense_threshold():
+    """A layer the plain rule runs dense, ten times as spread as the others: allowed any error it runs sparse;
+    with the dense-layer threshold below what its largest Top-K reaches, it stays dense."""
+    layers = {layer: layer_table(16, seed=layer) for layer in range(12)}
+    layers[5] = (layers[5][0] * 10, layers[5][1], layers[5][2])
+    loose = budget.allocate_budgets(layers, base=2, may_run_dense=frozenset({5}), sparse_error_cap=10.0)
+    assert loose[5] is not None
+    best = float((layers[5][0][:, -1].sum() / layers[5][2].sum()).sqrt())  # its error at the largest Top-K
+    tight = budget.allocate_budgets(layers, base=2, may_run_dense=frozenset({5}), sparse_error_cap=0.9 * best)
+    assert tight[5] is None

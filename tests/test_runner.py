@@ -251,7 +251,8 @@ def test_matched_budget_gives_spread_heads_more_keys_and_may_run_a_dense_layer_s
     q, k, v = structured_qkv(batch=1, heads=4, n=700, d=16, seed=14)
     cache = RunCache()
     cache.start_run(3)
-    config = from_dict({**SMALL, "dense_layer_fraction": 0.5, "dense_error_threshold": 0.0,
+    # layer 1 errs 0.32 at four times the Top-K: under the dense threshold of 0.35, so it may run sparse
+    config = from_dict({**SMALL, "dense_layer_fraction": 0.5, "dense_error_threshold": 0.35,
                         "selection": {"top_k": 8, "min_kept_fraction": 0.0}})
     runner = SparseAttention(config, cache, dense_layer_agreement=(lambda c: c) if shared_heads else None)
     run_steps(runner, q, k, v, 1, layers=2, branches=(0,))

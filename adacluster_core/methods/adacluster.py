@@ -117,7 +117,7 @@ class AdaCluster(SparseMethod):
                                            for name in ("probe_error", "probe_kept", "probe_reference")))
         chosen = budget.allocate_budgets({layer: t for layer, (_, t) in tables.items()},
                                          candidates.index(self.config.selection.top_k),
-                                         frozenset(dense_layers) - fixed_dense)
+                                         frozenset(dense_layers) - fixed_dense, self.config.dense_error_threshold)
         values = torch.tensor(candidates)
         for layer, (states, _) in tables.items():
             if chosen[layer] is None:
