@@ -103,6 +103,19 @@ def test_errors_name_the_problem(tmp_path):
         model_bench.setup_comfyui(None, cpu=True)
 
 
+def test_widget_option_sets_node_widgets_and_names_bad_values(capsys):
+    args = model_bench.parse_args(["--widget", "head_budgets=one Top-K", "--widget", "query_clusters=65"])
+    assert args.widgets == {"head_budgets": "one Top-K", "query_clusters": 65}
+    spec = model_bench.MODELS[model_bench.CASES["wan1.3b_480p"].model]
+    assert model_bench._widgets(spec, args)["head_budgets"] == "one Top-K"
+    for bad, message in ((["--widget", "head_budgets=many"], "head_budgets = 'many' is not one of"),
+                         (["--widget", "query_clusters"], "expected NAME=VALUE"),
+                         (["--widget", "nope=1"], "unknown widget 'nope'")):
+        with pytest.raises(SystemExit):
+            model_bench.parse_args(bad)
+        assert message in capsys.readouterr().err
+
+
 def test_case_shapes_match_the_real_token_counts():
     tokens = {name: case.video_tokens for name, case in model_bench.CASES.items()}
     assert tokens["wan14b_720p"] == 75_600 and tokens["wan1.3b_480p"] == 32_760
