@@ -64,15 +64,16 @@ def cheapest_within(error: torch.Tensor, cost: torch.Tensor, limit: float) -> Op
     limit leaves room, the single change to a cheaper option that saves the most cost and still fits."""
     allocations = allocations_by_rate(error, cost)
     rows = torch.arange(error.shape[0])
+    bound = limit * (1 + 1e-9) + 1e-30  # the limit, with room for rounding in the sums
     total_error = error[rows, allocations].sum(-1)
     total_cost = cost[rows, allocations].sum(-1)
-    feasible = total_error <= limit * (1 + 1e-9) + 1e-30
+    feasible = total_error <= bound
     if not bool(feasible.any()):
         return None
     total_cost = torch.where(feasible, total_cost, torch.full_like(total_cost, float("inf")))
     pick = allocations[int(total_cost.argmin())].clone()
     while True:
-        room = limit * (1 + 1e-9) + 1e-30 - float(error[rows, pick].sum())
+        room = bound - float(error[rows, pick].sum())
         added = error - error[rows, pick].unsqueeze(-1)
         saved = cost[rows, pick].unsqueeze(-1) - cost
         saved = torch.where((added <= room) & (saved > 0) & torch.isfinite(error), saved, torch.zeros_like(saved))

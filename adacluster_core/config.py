@@ -228,17 +228,24 @@ def load_preset(family: str, **overrides: Any) -> AdaClusterConfig:
     return from_dict({**_flatten(data), **_flatten(overrides)})
 
 
-def parse_settings(items: list) -> dict[str, Any]:
-    """``KEY=VALUE`` strings (command lines' ``--set``) as config overrides, values read as YAML scalars and
-    checked against the config: ConfigError names a bad key or value."""
+def parse_assignments(items: list, option: str, form: str = "KEY=VALUE") -> dict[str, Any]:
+    """``KEY=VALUE`` strings of a command line's repeatable ``option``, values read as YAML scalars;
+    ConfigError names an item without a key or an ``=``."""
     import yaml
 
-    settings = {}
+    values = {}
     for item in items:
         key, sep, value = item.partition("=")
         if not sep or not key.strip():
-            raise ConfigError(f"--set {item!r}: expected KEY=VALUE")
-        settings[key.strip()] = yaml.safe_load(value)
+            raise ConfigError(f"{option} {item!r}: expected {form}")
+        values[key.strip()] = yaml.safe_load(value)
+    return values
+
+
+def parse_settings(items: list) -> dict[str, Any]:
+    """``KEY=VALUE`` strings (command lines' ``--set``) as config overrides, checked against the config:
+    ConfigError names a bad key or value."""
+    settings = parse_assignments(items, "--set")
     from_dict(settings)
     return settings
 

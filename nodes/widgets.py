@@ -77,8 +77,9 @@ WIDGETS: tuple = (
            1, 4096, 1, config_key="initial_key_clusters"),
     Widget("top_k_clusters", "INT", TOP_K_FROM_SELECTION, "Key clusters every query cluster attends. 0 uses the "
            "selection's own value ('hybrid' 16, 'paper' 64); with matched head budgets each head gets half to four "
-           "times it. A value at or above a layer's key cluster count keeps every cluster of that layer (exact attention). 'svg2' keeps the smallest set of clusters holding 90% "
-           "of the attention mass instead and ignores this value.", "Top-K clusters", TOP_K_FROM_SELECTION, 4096, 1,
+           "times it. A value at or above a layer's key cluster count keeps every cluster of that layer (exact "
+           "attention). 'svg2' keeps the smallest set of clusters holding 90% of the attention mass instead and "
+           "ignores this value.", "Top-K clusters", TOP_K_FROM_SELECTION, 4096, 1,
            config_key="selection.top_k"),
     Widget("warmup_steps", "INT", WARMUP_FROM_PRESET, "Sampler steps that run dense before sparse attention starts; "
            "the last of them calibrates the clusters. -1 uses the preset (3 for every family; the published "
@@ -129,7 +130,8 @@ WIDGETS: tuple = (
            "'matched to error': the calibration step measures every head at half to four times the Top-K and "
            "gives keys where they remove the most error, for the fewest kept keys at no more error than one "
            "Top-K for every head; a layer picked to run dense may run sparse with a larger Top-K where that "
-           "brings it under the dense-layer threshold and is cheaper for the same error ('hybrid' only: 'paper' and 'svg2' keep one Top-K, as published). "
+           "brings it under the dense-layer threshold and is cheaper for the same error ('hybrid' only: 'paper' "
+           "and 'svg2' keep one Top-K, as published). "
            "'one Top-K': the same Top-K for every head, and the dense layers as picked.", "head budgets",
            options=(HEAD_BUDGETS_MATCHED, HEAD_BUDGETS_ONE), advanced=True, optional=True),
 )

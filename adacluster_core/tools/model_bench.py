@@ -53,12 +53,10 @@ from typing import Callable, Optional
 
 import torch
 
-import yaml
-
 from .. import graphs
-from ..config import ConfigError
+from ..config import ConfigError, parse_assignments
 from ..jsonable import finite_json
-from ...nodes.widgets import WIDGETS, check_widget_values
+from ...nodes.widgets import BUDGET_CONSTANT, WIDGETS, check_widget_values, config_from_widgets
 
 PACK_ROOT = Path(__file__).resolve().parents[2]
 WAN_TEXT_TOKENS = 512
@@ -599,7 +597,6 @@ def benchmark_case(name: str, case: Case, args, device: torch.device, dtype: tor
     from ...adacluster_core import comfy_adapter
     from ...adacluster_core.config import load_preset
     from ...nodes.common import apply_patch
-    from ...nodes.widgets import BUDGET_CONSTANT
 
     spec = MODELS[case.model]
     progress.set_description(f"{name}: building the model")
@@ -756,8 +753,6 @@ def targets(name: str, row: dict) -> list:
 
 def _budget_phases(spec: ModelSpec, args) -> dict:
     """{step: Top-K multiplier} for every sparse step of a full run with the benchmark's widgets."""
-    from ...nodes.widgets import config_from_widgets
-
     steps = args.steps
     config = config_from_widgets(spec.family, **{k: v for k, v in _widgets(spec, args).items() if k != "preset"})
     return {step: config.selection.top_k_scale(step, steps) for step in range(config.warmup_steps, steps)}
@@ -1082,12 +1077,10 @@ def parse_args(argv=None):
     p.add_argument("--out", default="output/model_bench", help="folder for the JSON and PNG files")
     p.add_argument("--no-progress", dest="progress", action="store_false")
     args = p.parse_args(argv)
-    args.widgets = {}
-    for item in args.widget_items:
-        name, sep, value = item.partition("=")
-        if not sep or not name.strip():
-            p.error(f"--widget {item!r}: expected NAME=VALUE")
-        args.widgets[name.strip()] = yaml.safe_load(value)
+    try:
+        args.widgets = parse_assignments(args.widget_items, "--widget", "NAME=VALUE")
+    except ConfigError as error:
+        p.error(str(error))
     try:
         check_widget_values(WIDGETS, args.widgets)
     except ConfigError as error:
