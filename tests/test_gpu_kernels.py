@@ -82,11 +82,12 @@ def assert_close_attention(out, expected, dtype):
 # ---------------------------------------------------------------------------------------- clustering
 @pytest.mark.parametrize("spherical", [True, False])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_kmeans_assign_picks_a_best_centroid(spherical, dtype):
-    gen = torch.Generator().manual_seed(1)
-    x = torch.randn(2, 3, 1001, 64, generator=gen)
-    cent = torch.randn(2, 3, 37, 64, generator=gen)
-    counts = torch.tensor([[37, 20, 5], [1, 36, 37]])
+@pytest.mark.parametrize("d,n_clusters", [(64, 37), (64, 203), (128, 37), (128, 331)])
+def test_kmeans_assign_picks_a_best_centroid(spherical, dtype, d, n_clusters):
+    gen = torch.Generator().manual_seed(1 + n_clusters)
+    x = torch.randn(2, 3, 1001, d, generator=gen)
+    cent = torch.randn(2, 3, n_clusters, d, generator=gen)
+    counts = torch.tensor([[n_clusters, 20, 5], [1, n_clusters - 1, n_clusters]])
     if spherical:
         x, cent = reference.normalize_rows(x), reference.normalize_rows(cent)
     x_dev = x.to(DEVICE, dtype)
