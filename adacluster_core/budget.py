@@ -24,6 +24,12 @@ import torch
 ERROR_MARGIN = 0.95
 
 
+def layer_relative_error(diff_sq: torch.Tensor, ref_sq: torch.Tensor) -> torch.Tensor:
+    """Relative L2 of a layer's output over its heads (the last dim), from the heads' squared errors against
+    dense and the squared norms of the dense output."""
+    return (diff_sq.sum(-1) / ref_sq.sum(-1).clamp_min(1e-24)).sqrt()
+
+
 def switch_rates(error: torch.Tensor, cost: torch.Tensor) -> list:
     """The rates r > 0 at which one item's best option (least error + r * cost) changes, for 1-D error and
     cost over its options (non-finite entries are not options): the slopes of its lower convex hull."""
@@ -102,7 +108,7 @@ def allocate_budgets(layers: dict, base: int, may_run_dense: frozenset, sparse_e
         rows = torch.arange(diff_sq.shape[0])
         plain = torch.full((1, len(rows)), base, dtype=torch.long)
         options = torch.cat([plain, allocations_by_rate(diff_sq, kept)])  # (1 + A, rows), the plain rule first
-        layer_errors = (diff_sq[rows, options].sum(-1) / ref_sq.sum().clamp_min(1e-30)).sqrt()
+        layer_errors = layer_relative_error(diff_sq[rows, options], ref_sq)
         layer_costs = kept[rows, options].mean(-1)
         layer_choices = list(options)
         if layer in may_run_dense:

@@ -85,17 +85,18 @@ class AdaCluster(SparseMethod):
             layout, layout_kept = selection.plan_layout(q, k, qc, kc, self.config.selection, top_k=per_head)
             return squared_norms(execute(layout), reference), layout_kept.float()
 
-        measured = [measure(top_k) for top_k in candidates[:-1]] if len(candidates) > 1 else []
+        measured = [measure(top_k) for top_k in candidates[:-1]]
         plain = candidates.index(self.config.selection.top_k)
         plain_sq = measured[plain][0] if plain < len(measured) else None
-        if plain_sq is None or float(layer_relative_error(plain_sq, ref_sq).max()) > self.config.dense_error_threshold:
+        threshold = self.config.dense_error_threshold
+        if plain_sq is None or float(budget.layer_relative_error(plain_sq, ref_sq).max()) > threshold:
             measured.append(measure(candidates[-1]))
         else:
             unmeasured = torch.full_like(ref_sq, float("inf"))
             measured.append((unmeasured, unmeasured))
         diff_sq = torch.stack([m[0] for m in measured], dim=-1)  # (B, H, candidates)
         kept = torch.stack([m[1] for m in measured], dim=-1)
-        layer_error = layer_relative_error(diff_sq[..., plain], ref_sq)  # (B,)
+        layer_error = budget.layer_relative_error(diff_sq[..., plain], ref_sq)  # (B,)
         for b, branch in enumerate(call.branches[:q.shape[0]]):
             state = self.cache.state(call.layer, branch)
             state.calibration_error = layer_error[b]
@@ -210,11 +211,6 @@ class AdaCluster(SparseMethod):
             s.q_centroids = qc.centroids[b].to(q.dtype)
             s.k_centroids = kc.centroids[b, :, :k_slots[b]].to(k.dtype)
         return qc, kc
-
-
-def layer_relative_error(diff_sq: torch.Tensor, ref_sq: torch.Tensor) -> torch.Tensor:
-    """(B,) relative L2 of a layer's output over its heads, from squared errors and norms (B, H)."""
-    return (diff_sq.sum(-1) / ref_sq.sum(-1).clamp_min(1e-24)).sqrt()
 
 
 def squared_norms(x: torch.Tensor, minus: Optional[torch.Tensor] = None) -> torch.Tensor:
