@@ -287,14 +287,35 @@ def segment_means(x: torch.Tensor, labels: torch.Tensor, n_segments: int):
     return means, sizes
 
 
+def segment_spread(x: torch.Tensor, labels: torch.Tensor, n_segments: int) -> torch.Tensor:
+    """(..., S) fp32: the variance of each segment's rows per channel, averaged over the channels
+    (mean squared distance of the members from their mean, divided by d); 0 for empty segments."""
+    xf = x.float()
+    means, _ = segment_means(xf, labels, n_segments)
+    square_norms, _ = segment_means(xf.square().sum(-1, keepdim=True), labels, n_segments)
+    return (square_norms.squeeze(-1) - means.square().sum(-1)).clamp_min(0) / x.shape[-1]
+
+
+def tail_log_weights(q: torch.Tensor, log_size: torch.Tensor, spread: torch.Tensor, scale: float) -> torch.Tensor:
+    """(..., Nq, S) additive logits of the pooled tail's pseudo-keys: log |K_j| + scale^2 |q|^2 spread_j / 2.
+
+    A skipped segment's true weight is sum_i exp(scale q.k_i) = |K_j| exp(scale q.mean_j) mean_i exp(scale q.dev_i).
+    The last factor is at least 1 (Jensen); for member deviations of per-channel variance spread_j it is
+    exp(scale^2 |q|^2 spread_j / 2) to second order. Without it the tail undercounts every skipped segment."""
+    q_square = q.float().square().sum(-1, keepdim=True)  # (..., Nq, 1)
+    return log_size.unsqueeze(-2) + 0.5 * scale * scale * q_square * spread.unsqueeze(-2)
+
+
 def tail_partial(q, k, v, layout, q_labels, k_labels, scale):
-    """Pooled tail: every skipped key segment j enters as one key, its mean, weighted by its size |K_j|."""
+    """Pooled tail: every skipped key segment j enters as one key, its mean, weighted by its size |K_j| and
+    by the second-order term of its spread (``tail_log_weights``)."""
     sk = layout.num_key_segments
     k_mean, sizes = segment_means(k, k_labels, sk)
     v_mean, _ = segment_means(v, k_labels, sk)
-    log_size = torch.log(sizes.float()).unsqueeze(-2)  # (B, H, 1, Sk); empty -> -inf
+    log_size = torch.log(sizes.float())  # (B, H, Sk); empty -> -inf
+    bias = tail_log_weights(q, log_size, segment_spread(k, k_labels, sk), scale)
     skipped = ~selected_for_tokens(layout, q_labels)
-    return partial_attention(q, k_mean, v_mean, bias=log_size, scale=scale, key_mask=skipped)
+    return partial_attention(q, k_mean, v_mean, bias=bias, scale=scale, key_mask=skipped)
 
 
 def clustered_partial(q, k, v, layout, scale):

@@ -88,14 +88,15 @@ def _segment_rows(perm_row_ptr, r0, end, BLOCK_R: tl.constexpr, HAS_PERM: tl.con
 
 
 @triton.jit
-def _segment_reduce_kernel(x_ptr, perm_ptr, off_ptr, prev_ptr, mean_ptr, high_ptr, low_ptr,
+def _segment_reduce_kernel(x_ptr, perm_ptr, off_ptr, prev_ptr, mean_ptr, high_ptr, low_ptr, spread_ptr,
                            H, N, S, stride_xb, stride_xh, stride_xn, eps,
                            D: tl.constexpr, HAS_PERM: tl.constexpr, MEAN: tl.constexpr,
                            SPHERICAL: tl.constexpr, KEEP_PREVIOUS: tl.constexpr, MINMAX: tl.constexpr,
-                           BLOCK_R: tl.constexpr):
+                           SPREAD: tl.constexpr, BLOCK_R: tl.constexpr):
     """One program per (segment, group): walks the segment's rows (gathered through the permutation)
-    and writes their mean (optionally unit-normalised; empty -> previous or 0) and/or element-wise
-    max/min (empty -> -inf/+inf). No atomics, so results are deterministic."""
+    and writes their mean (optionally unit-normalised; empty -> previous or 0), element-wise max/min
+    (empty -> -inf/+inf) and/or spread (per-channel variance averaged over channels; empty -> 0).
+    No atomics, so results are deterministic."""
     s = tl.program_id(0)
     g = tl.program_id(1).to(tl.int64)
     b = g // H
@@ -109,14 +110,17 @@ def _segment_reduce_kernel(x_ptr, perm_ptr, off_ptr, prev_ptr, mean_ptr, high_pt
     total_rows = tl.zeros([BLOCK_R, D], tl.float32)
     high_rows = tl.full([BLOCK_R, D], float("-inf"), tl.float32)
     low_rows = tl.full([BLOCK_R, D], float("inf"), tl.float32)
+    square_rows = tl.zeros([BLOCK_R, D], tl.float32)
     row_next = _segment_rows(perm_ptr + g * N, start, end, BLOCK_R, HAS_PERM)
     for r0 in range(start, end, BLOCK_R):
         ok = r0 + tl.arange(0, BLOCK_R) < end
         row = row_next
         row_next = _segment_rows(perm_ptr + g * N, r0 + BLOCK_R, end, BLOCK_R, HAS_PERM)
         x = tl.load(base + row[:, None] * stride_xn + dims[None, :], mask=ok[:, None], other=0.0).to(tl.float32)
-        if MEAN:
+        if MEAN or SPREAD:
             total_rows += x
+        if SPREAD:
+            square_rows += x * x
         if MINMAX:
             high_rows = tl.maximum(high_rows, tl.where(ok[:, None], x, float("-inf")))
             low_rows = tl.minimum(low_rows, tl.where(ok[:, None], x, float("inf")))
@@ -124,9 +128,14 @@ def _segment_reduce_kernel(x_ptr, perm_ptr, off_ptr, prev_ptr, mean_ptr, high_pt
     high = tl.max(high_rows, 0)
     low = tl.min(low_rows, 0)
     out = (g * S + s) * D + dims
+    size = end - start
+    raw_mean = total / tl.maximum(size, 1).to(tl.float32)
+    if SPREAD:
+        mean_square = tl.sum(tl.sum(square_rows, 0), 0) / tl.maximum(size, 1).to(tl.float32)
+        spread = tl.maximum(mean_square - tl.sum(raw_mean * raw_mean, 0), 0.0) / D
+        tl.store(spread_ptr + g * S + s, spread)
     if MEAN:
-        size = end - start
-        mean = total / tl.maximum(size, 1).to(tl.float32)
+        mean = raw_mean
         if SPHERICAL:
             mean = mean / tl.maximum(tl.sqrt(tl.sum(mean * mean, 0)), eps)
         if KEEP_PREVIOUS:
@@ -290,9 +299,10 @@ def count_labels(labels: torch.Tensor, n_bins: int) -> torch.Tensor:
 
 def segment_reduce(x4: torch.Tensor, perm: Optional[torch.Tensor], offsets: torch.Tensor, mean: bool = False,
                    minmax: bool = False, spherical: bool = False, previous: Optional[torch.Tensor] = None,
-                   mean_dtype=torch.float32):
-    """Means and/or max/min of the rows of every segment of x4 (B, H, N, d), segments given by
-    ``offsets`` (G, S + 1) over the rows in ``perm`` order (G, N) (identity when None)."""
+                   mean_dtype=torch.float32, spread: bool = False):
+    """Means, max/min and/or spreads (reference.segment_spread) of the rows of every segment of x4 (B, H, N, d),
+    segments given by ``offsets`` (G, S + 1) over the rows in ``perm`` order (G, N) (identity when None).
+    Returns (means (G, S, d), high, low (G, S, d), spread (G, S) fp32), None for what was not asked."""
     batch, heads, n, d = x4.shape
     if x4.stride(-1) != 1:
         x4 = x4.contiguous()
@@ -303,15 +313,16 @@ def segment_reduce(x4: torch.Tensor, perm: Optional[torch.Tensor], offsets: torc
     means = torch.empty(groups, n_segments, d, device=x4.device, dtype=mean_dtype) if mean else None
     high = torch.empty(groups, n_segments, d, device=x4.device, dtype=torch.float32) if minmax else None
     low = torch.empty_like(high) if minmax else None
+    spreads = torch.empty(groups, n_segments, device=x4.device, dtype=torch.float32) if spread else None
     prev = previous.reshape(groups, n_segments, d).float().contiguous() if previous is not None else None
     perm_flat = perm.reshape(groups, n).contiguous() if perm is not None else None
     _segment_reduce_kernel[(n_segments, groups)](
         x4, perm_flat if perm_flat is not None else dummy, offsets, prev if prev is not None else dummy,
         means if mean else dummy, high if minmax else dummy, low if minmax else dummy,
-        heads, n, n_segments, x4.stride(0), x4.stride(1), x4.stride(2), 1e-6,
+        spreads if spread else dummy, heads, n, n_segments, x4.stride(0), x4.stride(1), x4.stride(2), 1e-6,
         D=d, HAS_PERM=perm is not None, MEAN=mean, SPHERICAL=spherical, KEEP_PREVIOUS=prev is not None,
-        MINMAX=minmax, BLOCK_R=32 if d <= 128 else 16, num_warps=4)
-    return means, high, low
+        MINMAX=minmax, SPREAD=spread, BLOCK_R=32 if d <= 128 else 16, num_warps=4)
+    return means, high, low, spreads
 
 
 def _as4(x3: torch.Tensor) -> torch.Tensor:
@@ -323,7 +334,7 @@ def kmeans_update_sorted(x3: torch.Tensor, labels: torch.Tensor, sizes: torch.Te
     """Centroid update from assignment labels (G, N) and sizes (G, C): sort by label, then one
     deterministic pass per cluster."""
     perm, offsets = sort_segments(labels, sizes)
-    means, _, _ = segment_reduce(_as4(x3), perm, offsets, mean=True, spherical=spherical, previous=previous)
+    means, _, _, _ = segment_reduce(_as4(x3), perm, offsets, mean=True, spherical=spherical, previous=previous)
     return means
 
 
@@ -364,7 +375,7 @@ def cluster_minmax(x: torch.Tensor, labels: torch.Tensor, n_clusters: int):
     x3 = _groups(x)
     flat = labels.reshape(-1, n)
     perm, offsets = sort_segments(flat, count_labels(flat, n_clusters))
-    _, high, low = segment_reduce(_as4(x3), perm, offsets, minmax=True)
+    _, high, low, _ = segment_reduce(_as4(x3), perm, offsets, minmax=True)
     return high.reshape(*lead, n_clusters, d), low.reshape(*lead, n_clusters, d)
 
 
@@ -391,7 +402,7 @@ def segment_means(x: torch.Tensor, labels: torch.Tensor, n_segments: int):
     flat = labels.reshape(-1, n)
     sizes = count_labels(flat, n_segments)
     perm, offsets = sort_segments(flat, sizes)
-    means, _, _ = segment_reduce(_as4(x3), perm, offsets, mean=True)
+    means, _, _, _ = segment_reduce(_as4(x3), perm, offsets, mean=True)
     return means.reshape(*lead, n_segments, d), sizes.reshape(*lead, n_segments)
 
 

@@ -67,7 +67,7 @@ def test_text_sink_and_mask_join_the_softmax():
     torch.testing.assert_close(got, expected, atol=2e-6, rtol=1e-5)
 
 
-def test_pooled_tail_adds_skipped_clusters_as_size_weighted_means():
+def test_pooled_tail_adds_skipped_clusters_as_size_weighted_means_with_their_spread():
     torch.manual_seed(3)
     batch, heads, n, d = 1, 2, 120, 16
     q, k, v = (torch.randn(batch, heads, n, d) for _ in range(3))
@@ -85,11 +85,49 @@ def test_pooled_tail_adds_skipped_clusters_as_size_weighted_means():
                     if layout.selected[b, h, q_labels[b, h, i], j]:
                         logits.append(k[b, h, members] @ q[b, h, i] * scale)
                         values.append(v[b, h, members])
-                    else:  # one pseudo-key: mean key, mean value, log(size) bias
-                        logits.append((k[b, h, members].mean(0) @ q[b, h, i] * scale + math.log(members.numel()))[None])
+                    else:  # one pseudo-key: mean key, mean value, log(size) + second-order spread term
+                        keys = k[b, h, members]
+                        spread = (keys - keys.mean(0)).square().sum(1).mean() / d
+                        weight = math.log(members.numel()) + 0.5 * scale ** 2 * q[b, h, i].square().sum() * spread
+                        logits.append((keys.mean(0) @ q[b, h, i] * scale + weight)[None])
                         values.append(v[b, h, members].mean(0, keepdim=True))
                 weights = torch.softmax(torch.cat(logits), 0)
                 torch.testing.assert_close(out[b, h, i], weights @ torch.cat(values), atol=2e-6, rtol=1e-5)
+
+
+def test_the_spread_term_brings_the_tail_closer_to_the_skipped_keys():
+    """For keys spread around their segment means, the second-order weight estimates the skipped segments'
+    attention better than their size alone (it is exact for a Gaussian spread)."""
+    torch.manual_seed(5)
+    batch, heads, n, d, segments = 1, 2, 512, 32, 8
+    centres = torch.randn(batch, heads, segments, d)
+    labels = torch.arange(n).remainder(segments).expand(batch, heads, n)
+    k = centres.gather(-2, labels.unsqueeze(-1).expand(batch, heads, n, d)) + 0.7 * torch.randn(batch, heads, n, d)
+    q, v = torch.randn(batch, heads, n, d) * 1.5, torch.randn(batch, heads, n, d)
+    log_size = torch.log(R.segment_means(k, labels, segments)[1].float())
+    means = R.segment_means(k, labels, segments)[0]
+    logits = (q @ k.transpose(-1, -2)) / math.sqrt(d)  # (B, H, N, N)
+    per_segment = torch.stack([torch.logsumexp(logits[..., labels[0, 0] == j], -1) for j in range(segments)], -1)
+    centre_logits = (q @ means.transpose(-1, -2)) / math.sqrt(d)
+    size_only = centre_logits + log_size.unsqueeze(-2)
+    second_order = centre_logits + R.tail_log_weights(q, log_size, R.segment_spread(k, labels, segments),
+                                                      1 / math.sqrt(d))
+    assert (second_order - per_segment).abs().mean() < 0.25 * (size_only - per_segment).abs().mean()
+    assert bool((size_only <= per_segment + 1e-4).all())  # Jensen: the size alone never overcounts
+
+
+def test_segment_spread_is_the_mean_channel_variance():
+    torch.manual_seed(6)
+    x = torch.randn(2, 3, 50, 8) * 3 + 1
+    labels = torch.randint(0, 5, (2, 3, 50))
+    labels[0, 0] = 0  # every row in one segment: the others are empty
+    spread = R.segment_spread(x, labels, 5)
+    for b in range(2):
+        for h in range(3):
+            for j in range(5):
+                rows = x[b, h, labels[b, h] == j]
+                want = rows.var(0, unbiased=False).mean() if rows.shape[0] else torch.tensor(0.0)
+                torch.testing.assert_close(spread[b, h, j], want, atol=1e-5, rtol=1e-4)
 
 
 def test_block_layout_in_original_order():
