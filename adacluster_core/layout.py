@@ -8,7 +8,8 @@ every query attends exactly. It is built from three kinds of pieces, all per (ba
 * key segments: likewise for keys; ``selected[b, h, i, j]`` says that query segment i attends every
   token of key segment j;
 * extras that do not depend on segment choice: each query's own neighbourhood block in original token
-  order (``local_block``), a pooled tail for the key segments a query segment skips (``tail``), and the
+  order (``local_block``), a pooled tail for the key segments a query segment skips (``tail``: each enters as its
+  mean key and value, weighted by its size and its spread, kernels.reference.tail_log_weights), and the
   always-kept text "sink" keys, which are passed to the executor beside the layout.
 
 Per-head segment counts may differ: shorter heads are padded with empty segments (equal offsets), which
@@ -30,7 +31,8 @@ class Layout:
     q_perm: Optional[torch.Tensor] = None  # (B, H, N) original token index at each permuted position
     k_perm: Optional[torch.Tensor] = None  # (B, H, N); None means original order (fixed blocks)
     local_block: int = 0  # >0: each query also attends its own block of this size in original order
-    tail: bool = False  # pooled tail: skipped key segments enter as (mean key, mean value, log size)
+    # pooled tail: skipped key segments enter as (mean key, mean value, log size + a second-order spread term)
+    tail: bool = False
     # (B, H, N) int64 segment of every token in original order, where the builder has it (clusters' labels);
     # None: derived from perm and offsets where needed (the local block)
     q_labels: Optional[torch.Tensor] = None

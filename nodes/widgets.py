@@ -76,7 +76,7 @@ WIDGETS: tuple = (
            "same Top-K keep fewer keys (published value 100).", "initial top-K (key clusters)",
            1, 4096, 1, config_key="initial_key_clusters"),
     Widget("top_k_clusters", "INT", TOP_K_FROM_SELECTION, "Key clusters every query cluster attends. 0 uses the "
-           "selection's own value ('hybrid' 16, 'paper' 64); with matched head budgets each head gets half to four "
+           "selection's own value ('hybrid' 12, 'paper' 64); with matched head budgets each head gets half to four "
            "times it. A value at or above a layer's key cluster count keeps every cluster of that layer (exact "
            "attention). 'svg2' keeps the smallest set of clusters holding 90% of the attention mass instead and "
            "ignores this value.", "Top-K clusters", TOP_K_FROM_SELECTION, 4096, 1,

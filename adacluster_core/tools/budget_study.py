@@ -60,10 +60,10 @@ def schedule_variants(preset: str, steps: int = 50) -> dict:
     return {
         "preset as shipped": {"warmup_steps": warmup(load_preset(preset).warmup_steps)},
         "warm-up 10, Top-K 16 on every step (published schedule)": {"warmup_steps": warmup(10),
-                                                                     "selection": by_noise(1, 1)},
+                                                                     "selection": {"top_k": 16, **by_noise(1, 1)}},
         "warm-up 10, dense 15% by clusters (as published)": {"warmup_steps": warmup(10), "dense_layers_by": "clusters",
                                                              "selection": by_noise(1, 1)},
-        "warm-up 3, Top-K 16 on every step": {"warmup_steps": warmup(3), "selection": by_noise(1, 1)},
+        "warm-up 3, Top-K 16 on every step": {"warmup_steps": warmup(3), "selection": {"top_k": 16, **by_noise(1, 1)}},
         "warm-up 3, Top-K x2 / x1 / x0.5 by noise": {"warmup_steps": warmup(3), "selection": by_noise(2, 0.5)},
         "warm-up 3, Top-K x2 / x1 / x1 by noise": {"warmup_steps": warmup(3), "selection": by_noise(2, 1)},
         "warm-up 3, Top-K x3 / x1 / x0.5 by noise": {"warmup_steps": warmup(3), "selection": by_noise(3, 0.5)},
@@ -76,7 +76,8 @@ def schedule_variants(preset: str, steps: int = 50) -> dict:
                                                              "selection": by_noise(2, 0.5)},
         # budgets per head, one Top-K on every step, 3 warm-up steps whatever the length (README, first table)
         "3 warm-up steps, no dense layers, Top-K 16 for every head": {
-            "warmup_steps": 3, "dense_layer_fraction": 0.0, "selection": {"budget": "fixed", **by_noise(1, 1)}},
+            "warmup_steps": 3, "dense_layer_fraction": 0.0,
+            "selection": {"top_k": 16, "budget": "fixed", **by_noise(1, 1)}},
         "3 warm-up steps, no dense layers, Top-K 8 for every head": {
             "warmup_steps": 3, "dense_layer_fraction": 0.0, "selection": {"top_k": 8, "budget": "fixed", **by_noise(1, 1)}},
         "3 warm-up steps, no dense layers, matched budget": {

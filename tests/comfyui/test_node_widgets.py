@@ -80,7 +80,7 @@ def test_every_widget_value_in_range_is_accepted_whatever_the_other_widgets():
             config = widgets.config_from_widgets("wan", selection=selection, initial_top_k=initial,
                                                  top_k_clusters=top_k)
             assert config.initial_key_clusters == initial
-    assert widgets.config_from_widgets("wan", selection="hybrid", top_k_clusters=0).selection.top_k == 16
+    assert widgets.config_from_widgets("wan", selection="hybrid", top_k_clusters=0).selection.top_k == 12
     assert widgets.config_from_widgets("wan", selection="paper", top_k_clusters=0).selection.top_k == 64
     assert widgets.config_from_widgets("wan", selection="svg2").method == "svg2"
     assert widgets.config_from_widgets("wan", selection="hybrid").method == "adacluster"
