@@ -20,7 +20,7 @@ from .graphs import CallGraphs
 from .memory import persistent_copy, store
 
 _STATE_TENSORS = ("q_centroids", "k_centroids", "k_counts", "hard", "calibration_error", "head_top_k",
-                  "probe_error", "probe_kept", "probe_reference")
+                  "tail_spread_weight", "probe_error", "probe_kept", "probe_reference")
 
 
 @dataclass
@@ -37,6 +37,8 @@ class BranchState:
     tokens: int = 0  # video tokens seen at calibration
     calibration_error: Optional[torch.Tensor] = None  # () relative L2 of the sparse output at calibration
     head_top_k: Optional[torch.Tensor] = None  # (H,) per-head Top-K chosen at calibration (budget.py)
+    # (H,) fp32 weight of the pooled tail's spread term per head, 1 or 0: whichever erred less at calibration
+    tail_spread_weight: Optional[torch.Tensor] = None
     # measured at calibration at each candidate Top-K (AdaCluster.probe): squared error of each head's sparse
     # output against dense (H, C), its kept fraction (H, C), and the squared norm of the dense output (H,)
     probe_error: Optional[torch.Tensor] = None

@@ -33,6 +33,8 @@ class Layout:
     local_block: int = 0  # >0: each query also attends its own block of this size in original order
     # pooled tail: skipped key segments enter as (mean key, mean value, log size + a second-order spread term)
     tail: bool = False
+    # (B, H) weight of the tail's spread term per head (1: second order, 0: size only); None: 1 everywhere
+    tail_spread_weight: Optional[torch.Tensor] = None
     # (B, H, N) int64 segment of every token in original order, where the builder has it (clusters' labels);
     # None: derived from perm and offsets where needed (the local block)
     q_labels: Optional[torch.Tensor] = None
@@ -61,6 +63,8 @@ class Layout:
         for name in ("q_labels", "k_labels"):
             if getattr(self, name) is not None:
                 expect[name] = (getattr(self, name), (batch, heads, tokens))
+        if self.tail_spread_weight is not None:
+            expect["tail_spread_weight"] = (self.tail_spread_weight, (batch, heads))
         for name, (tensor, shape) in expect.items():
             if tuple(tensor.shape) != shape:
                 raise ValueError(f"Layout.{name} has shape {tuple(tensor.shape)}, expected {shape}")

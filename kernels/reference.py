@@ -308,12 +308,15 @@ def tail_log_weights(q: torch.Tensor, log_size: torch.Tensor, spread: torch.Tens
 
 def tail_partial(q, k, v, layout, q_labels, k_labels, scale):
     """Pooled tail: every skipped key segment j enters as one key, its mean, weighted by its size |K_j| and
-    by the second-order term of its spread (``tail_log_weights``)."""
+    by the second-order term of its spread (``tail_log_weights``), times the layout's per-head weight of it."""
     sk = layout.num_key_segments
     k_mean, sizes = segment_means(k, k_labels, sk)
     v_mean, _ = segment_means(v, k_labels, sk)
     log_size = torch.log(sizes.float())  # (B, H, Sk); empty -> -inf
-    bias = tail_log_weights(q, log_size, segment_spread(k, k_labels, sk), scale)
+    spread = segment_spread(k, k_labels, sk)
+    if layout.tail_spread_weight is not None:
+        spread = spread * layout.tail_spread_weight.float().unsqueeze(-1)
+    bias = tail_log_weights(q, log_size, spread, scale)
     skipped = ~selected_for_tokens(layout, q_labels)
     return partial_attention(q, k_mean, v_mean, bias=bias, scale=scale, key_mask=skipped)
 

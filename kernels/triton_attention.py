@@ -342,9 +342,10 @@ def _unit_stride_rows(x: torch.Tensor) -> torch.Tensor:
 
 
 def run_layout(q, k, v, q_off, k_off, selected, q_perm, k_perm, local_block: int, tail: bool,
-               text_k, text_v, text_bias, scale: float, q_labels=None, k_labels=None):
+               text_k, text_v, text_bias, scale: float, q_labels=None, k_labels=None, tail_spread_weight=None):
     """Executes a layout; returns (out (B, H, N, d) in q's dtype, lse (B, H, N) fp32). ``q_labels`` /
-    ``k_labels`` (B, H, N): the segment of every token, where the caller has them (else derived)."""
+    ``k_labels`` (B, H, N): the segment of every token, where the caller has them (else derived).
+    ``tail_spread_weight`` (B, H): the weight of the pooled tail's spread term per head (None: 1)."""
     batch, heads, n, d = q.shape
     groups = batch * heads
     q, k, v = _unit_stride_rows(q), _unit_stride_rows(k), _unit_stride_rows(v)
@@ -396,6 +397,8 @@ def run_layout(q, k, v, q_off, k_off, selected, q_perm, k_perm, local_block: int
         v_mean, _, _, _ = segment_reduce(v, k_perm, k_off, mean=True, mean_dtype=q.dtype)
         tail_bias = torch.log((k_off2[:, 1:] - k_off2[:, :-1]).float()).contiguous()
         tail_spread = (0.5 * scale * scale) * k_spread  # natural-log weight per unit of |q|^2
+        if tail_spread_weight is not None:
+            tail_spread = tail_spread * tail_spread_weight.reshape(groups, 1).float()
 
     has_text = text_k is not None
     if has_text:

@@ -14,20 +14,23 @@ from test_reference_kernels import random_layout  # noqa: E402
 from comfyui_adacluster.kernels import reference, triton_attention  # noqa: E402
 from comfyui_adacluster.kernels.triton_cluster import segment_reduce  # noqa: E402
 
-# (tokens, head dim, query segments, key segments, local block, pooled tail, text tokens, key path)
+# (tokens, head dim, query segments, key segments, local block, pooled tail, per-head tail weights, text tokens,
+#  key path)
 CASES = [
-    (150, 64, 5, 9, 0, True, 0, "hybrid"),
-    (133, 128, 4, 7, 32, True, 0, "hybrid"),
-    (97, 64, 3, 11, 24, True, 7, "stream"),
-    (101, 128, 6, 5, 0, False, 5, "hybrid"),
+    (150, 64, 5, 9, 0, True, False, 0, "hybrid"),
+    (133, 128, 4, 7, 32, True, True, 0, "hybrid"),
+    (97, 64, 3, 11, 24, True, True, 7, "stream"),
+    (101, 128, 6, 5, 0, False, False, 5, "hybrid"),
 ]
 
 
 def check_layout_kernel():
-    for n, d, sq, sk, local, tail, n_text, path in CASES:
+    for n, d, sq, sk, local, tail, weighted, n_text, path in CASES:
         gen = torch.Generator().manual_seed(n + d)
         q, k, v = (2 * torch.randn(2, 2, n, d, generator=gen) for _ in range(3))
         layout, _, _ = random_layout(2, 2, n, sq, sk, density=0.3, local_block=local, tail=tail, seed=n)
+        if weighted:
+            layout.tail_spread_weight = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
         text_k = text_v = text_bias = None
         if n_text:
             text_k, text_v = (torch.randn(2, 2, n_text, d, generator=gen) for _ in range(2))
@@ -37,7 +40,8 @@ def check_layout_kernel():
         triton_attention.KEY_PATH_OVERRIDE = path
         got, _ = triton_attention.run_layout(q, k, v, layout.q_offsets, layout.k_offsets, layout.selected,
                                              layout.q_perm, layout.k_perm, layout.local_block, layout.tail,
-                                             text_k, text_v, text_bias, 1 / math.sqrt(d))
+                                             text_k, text_v, text_bias, 1 / math.sqrt(d),
+                                             tail_spread_weight=layout.tail_spread_weight)
         torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
 
 

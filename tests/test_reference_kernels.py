@@ -67,11 +67,17 @@ def test_text_sink_and_mask_join_the_softmax():
     torch.testing.assert_close(got, expected, atol=2e-6, rtol=1e-5)
 
 
-def test_pooled_tail_adds_skipped_clusters_as_size_weighted_means_with_their_spread():
+@pytest.mark.parametrize("spread_weight", [None, (0.0, 1.0)])
+def test_pooled_tail_adds_skipped_clusters_as_size_weighted_means_with_their_spread(spread_weight):
+    """Each skipped cluster as one pseudo-key; its spread term on every head (no weights) or per head (weight 0:
+    by size only)."""
     torch.manual_seed(3)
     batch, heads, n, d = 1, 2, 120, 16
     q, k, v = (torch.randn(batch, heads, n, d) for _ in range(3))
     layout, q_labels, k_labels = random_layout(batch, heads, n, 4, 6, density=0.5, tail=True)
+    head_weight = (1.0, 1.0) if spread_weight is None else spread_weight
+    if spread_weight is not None:
+        layout.tail_spread_weight = torch.tensor([spread_weight])
     scale = 1 / math.sqrt(d)
     out = R.execute_layout(q, k, v, layout)
     for b in range(batch):
@@ -88,7 +94,8 @@ def test_pooled_tail_adds_skipped_clusters_as_size_weighted_means_with_their_spr
                     else:  # one pseudo-key: mean key, mean value, log(size) + second-order spread term
                         keys = k[b, h, members]
                         spread = (keys - keys.mean(0)).square().sum(1).mean() / d
-                        weight = math.log(members.numel()) + 0.5 * scale ** 2 * q[b, h, i].square().sum() * spread
+                        weight = (math.log(members.numel())
+                                  + head_weight[h] * 0.5 * scale ** 2 * q[b, h, i].square().sum() * spread)
                         logits.append((keys.mean(0) @ q[b, h, i] * scale + weight)[None])
                         values.append(v[b, h, members].mean(0, keepdim=True))
                 weights = torch.softmax(torch.cat(logits), 0)

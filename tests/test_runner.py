@@ -315,3 +315,45 @@ def test_profile_with_bad_per_head_top_k_is_rejected(tmp_path):
     save_file(tensors, str(path), metadata={"format": "adacluster-profile/1", "heads": "3", "tokens": "100"})
     with pytest.raises(ConfigError, match="per-head Top-K of shape"):
         load_profile(path)
+
+
+def test_each_head_keeps_the_tail_weight_that_erred_less_at_calibration():
+    """The calibration step runs the Top-K with the pooled tail's spread term on and off, keeps per head the one
+    that erred less, measures the other candidates with it, and sparse steps execute with it."""
+    q, k, v = structured_qkv(batch=1, heads=4, n=900, d=16, groups=4, seed=14)
+    cache = RunCache()
+    cache.start_run(3)
+    config = from_dict({**SMALL, "dense_layer_fraction": 0.0, "initial_key_clusters": 24, "selection": {"top_k": 8}})
+    runner = SparseAttention(config, cache)
+    call = CallInfo(0, 0, 3, (0,))
+    runner.method.calibrate(q, k, call)
+    reference = dense_reference(q, k, v)
+    second_order_errs_less = torch.tensor([True, False, True, False])
+    seen = []
+
+    def execute(layout):  # a stand-in executor whose error per head depends only on the tail weight it runs
+        weight = layout.tail_spread_weight[0]
+        seen.append(weight.tolist())
+        better = (weight == 1) == second_order_errs_less
+        return reference + torch.where(better, 0.01, 0.1).view(1, 4, 1, 1)
+
+    runner.method.probe(q, k, call, reference, execute)
+    state = cache.state(0, 0)
+    assert state.tail_spread_weight.tolist() == [1.0, 0.0, 1.0, 0.0]
+    assert seen[:2] == [[1.0] * 4, [0.0] * 4] and all(w == [1.0, 0.0, 1.0, 0.0] for w in seen[2:])
+    plain = runner.method.budget_candidates().index(8)
+    smallest = 0.01 ** 2 * reference[0, 0].numel()
+    torch.testing.assert_close(state.probe_error[:, plain], torch.full((4,), smallest), rtol=1e-3, atol=0)
+    assert float(state.probe_error[:, :3].max()) <= smallest * (1 + 1e-3)
+    plan = runner.method.plan(q, k, CallInfo(0, 1, 3, (0,)))
+    assert plan.layout.tail_spread_weight.tolist() == [[1.0, 0.0, 1.0, 0.0]]
+
+
+def test_without_a_pooled_tail_no_tail_weight_is_chosen():
+    q, k, v = structured_qkv(batch=1, heads=2, n=900, d=16, groups=4, seed=15)
+    cache = RunCache()
+    cache.start_run(3)
+    runner = SparseAttention(from_dict({**SMALL, "recipe": "paper"}), cache)
+    run_steps(runner, q, k, v, 2, branches=(0,))
+    state = cache.state(0, 0)
+    assert state.calibration_error is not None and state.tail_spread_weight is None

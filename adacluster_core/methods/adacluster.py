@@ -50,6 +50,8 @@ class AdaCluster(SparseMethod):
             base = top_k if top_k is not None else torch.full((q.shape[0], q.shape[1]), sel.top_k, device=q.device)
             top_k = (base * scale).round().clamp_min(1).long()
         layout, kept = selection.plan_layout(q, k, qc, kc, sel, top_k=top_k)
+        if all(s.tail_spread_weight is not None for s in states):
+            layout.tail_spread_weight = torch.stack([s.tail_spread_weight for s in states])
         return Plan(layout, kept, kc.counts)
 
     def graph_key(self, call):
@@ -70,23 +72,37 @@ class AdaCluster(SparseMethod):
         return tuple(sorted({max(1, round(sel.top_k * f)) for f in BUDGET_FACTORS}))
 
     def probe(self, q, k, call, reference, execute) -> None:
-        """At calibration: each head's squared error against dense and kept fraction at the candidate Top-K
-        values (kept for ``settle_budgets``), and the layer's error at the config's Top-K, which ranks the
-        dense layers. The largest candidate costs about as much as the others together and matters where a
-        layer might run dense, so it is measured only where the layer's error is above the dense-layer
-        threshold (elsewhere it is no option)."""
+        """At calibration: each head's weight of the pooled tail's spread term (1 or 0, whichever errs less at
+        the config's Top-K: the second-order weight assumes a roughly Gaussian spread of the keys around their
+        cluster means, which a head may not have), then each head's squared error against dense and kept
+        fraction at the candidate Top-K values with that weight (kept for ``settle_budgets``), and the layer's
+        error at the config's Top-K, which ranks the dense layers. The largest candidate costs about as much as
+        the others together and matters where a layer might run dense, so it is measured only where the layer's
+        error is above the dense-layer threshold (elsewhere it is no option)."""
         qc, kc = self.cluster(q, k, call)
+        sel = self.config.selection
         # with a calibration profile the budgets are the profile's, and the dense layers too
-        candidates = self.budget_candidates() if self.cache.profile is None else (self.config.selection.top_k,)
+        candidates = self.budget_candidates() if self.cache.profile is None else (sel.top_k,)
         ref_sq = squared_norms(reference)  # (B, H)
 
-        def measure(top_k):
+        def run(top_k, spread_weight):
             per_head = torch.full(ref_sq.shape, top_k, device=q.device)
-            layout, layout_kept = selection.plan_layout(q, k, qc, kc, self.config.selection, top_k=per_head)
+            layout, layout_kept = selection.plan_layout(q, k, qc, kc, sel, top_k=per_head)
+            layout.tail_spread_weight = spread_weight
             return squared_norms(execute(layout), reference), layout_kept.float()
 
+        spread_weight, at_top_k = None, None
+        if sel.tail:
+            second_order, kept_at_top_k = run(sel.top_k, torch.ones_like(ref_sq))
+            size_only, _ = run(sel.top_k, torch.zeros_like(ref_sq))
+            spread_weight = (second_order <= size_only).float()
+            at_top_k = (torch.minimum(second_order, size_only), kept_at_top_k)
+
+        def measure(top_k):
+            return at_top_k if top_k == sel.top_k and at_top_k is not None else run(top_k, spread_weight)
+
         measured = [measure(top_k) for top_k in candidates[:-1]]
-        plain = candidates.index(self.config.selection.top_k)
+        plain = candidates.index(sel.top_k)
         plain_sq = measured[plain][0] if plain < len(measured) else None
         threshold = self.config.dense_error_threshold
         if plain_sq is None or float(budget.layer_relative_error(plain_sq, ref_sq).max()) > threshold:
@@ -100,6 +116,8 @@ class AdaCluster(SparseMethod):
         for b, branch in enumerate(call.branches[:q.shape[0]]):
             state = self.cache.state(call.layer, branch)
             state.calibration_error = layer_error[b]
+            if spread_weight is not None:
+                state.tail_spread_weight = spread_weight[b]
             if len(candidates) > 1:
                 state.probe_error, state.probe_kept, state.probe_reference = diff_sq[b], kept[b], ref_sq[b]
 
