@@ -287,11 +287,14 @@ def segment_means(x: torch.Tensor, labels: torch.Tensor, n_segments: int):
     return means, sizes
 
 
-def segment_spread(x: torch.Tensor, labels: torch.Tensor, n_segments: int) -> torch.Tensor:
+def segment_spread(x: torch.Tensor, labels: torch.Tensor, n_segments: int,
+                   means: Optional[torch.Tensor] = None) -> torch.Tensor:
     """(..., S) fp32: the variance of each segment's rows per channel, averaged over the channels
-    (mean squared distance of the members from their mean, divided by d); 0 for empty segments."""
+    (mean squared distance of the members from their mean, divided by d); 0 for empty segments.
+    ``means``: the segments' means (segment_means), where the caller has them."""
     xf = x.float()
-    means, _ = segment_means(xf, labels, n_segments)
+    if means is None:
+        means, _ = segment_means(xf, labels, n_segments)
     square_norms, _ = segment_means(xf.square().sum(-1, keepdim=True), labels, n_segments)
     return (square_norms.squeeze(-1) - means.square().sum(-1)).clamp_min(0) / x.shape[-1]
 
@@ -313,7 +316,7 @@ def tail_partial(q, k, v, layout, q_labels, k_labels, scale):
     k_mean, sizes = segment_means(k, k_labels, sk)
     v_mean, _ = segment_means(v, k_labels, sk)
     log_size = torch.log(sizes.float())  # (B, H, Sk); empty -> -inf
-    spread = segment_spread(k, k_labels, sk)
+    spread = segment_spread(k, k_labels, sk, means=k_mean)
     if layout.tail_spread_weight is not None:
         spread = spread * layout.tail_spread_weight.float().unsqueeze(-1)
     bias = tail_log_weights(q, log_size, spread, scale)

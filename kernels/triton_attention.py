@@ -182,7 +182,8 @@ def _layout_kernel(Q, K, V, Out, Lse,
 
     if HAS_TAIL:
         # second-order weight of a pooled segment (reference.tail_log_weights): log |K_j| + |q|^2 tail_spread_j
-        q_square = tl.sum(q.to(tl.float32) * q.to(tl.float32), 1)
+        q32 = q.to(tl.float32)
+        q_square = tl.sum(q32 * q32, 1)
         for j0 in range(0, Sk, BLOCK_N):
             j = j0 + lanes
             ok = j < Sk

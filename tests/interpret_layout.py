@@ -50,9 +50,7 @@ def check_segment_spread():
     x = 3 * torch.randn(1, 3, 77, 64, generator=gen) + 1
     labels = torch.randint(0, 6, (1, 3, 77), generator=gen)
     labels[0, 1] = labels[0, 1].clamp_max(3)  # empty segments 4 and 5 in one head
-    perm = labels.argsort(dim=-1, stable=True).reshape(3, 77)
-    counts = torch.stack([torch.bincount(row, minlength=6) for row in labels.reshape(3, 77)])
-    offsets = torch.cat([torch.zeros(3, 1, dtype=torch.long), counts.cumsum(-1)], -1)
+    perm, offsets = reference.segments_from_labels(labels, 6)
     means, _, _, spread = segment_reduce(x, perm, offsets, mean=True, spread=True)
     want_means, _ = reference.segment_means(x, labels, 6)
     torch.testing.assert_close(means.reshape(1, 3, 6, 64), want_means, atol=1e-4, rtol=1e-4)

@@ -111,8 +111,8 @@ def test_the_spread_term_brings_the_tail_closer_to_the_skipped_keys():
     labels = torch.arange(n).remainder(segments).expand(batch, heads, n)
     k = centres.gather(-2, labels.unsqueeze(-1).expand(batch, heads, n, d)) + 0.7 * torch.randn(batch, heads, n, d)
     q, v = torch.randn(batch, heads, n, d) * 1.5, torch.randn(batch, heads, n, d)
-    log_size = torch.log(R.segment_means(k, labels, segments)[1].float())
-    means = R.segment_means(k, labels, segments)[0]
+    means, sizes = R.segment_means(k, labels, segments)
+    log_size = torch.log(sizes.float())
     logits = (q @ k.transpose(-1, -2)) / math.sqrt(d)  # (B, H, N, N)
     per_segment = torch.stack([torch.logsumexp(logits[..., labels[0, 0] == j], -1) for j in range(segments)], -1)
     centre_logits = (q @ means.transpose(-1, -2)) / math.sqrt(d)
