@@ -109,7 +109,7 @@ def _layout_kernel(Q, K, V, Out, Lse,
                    cum, delta, bounds, bound_seg, n_chunks,
                    TK, TV, stkb, stkh, stkn, stvb, stvh, stvn, Nt,
                    TB, stbb, stbh, stbn, stbt,
-                   KM, VM, tail_bias, tail_spread, selected,
+                   KM, VM, QSQ, tail_bias, tail_spread, selected,
                    LO, LL, KD, VD, full_start, n_full, MAXC,
                    qk_scale,
                    D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, WIN: tl.constexpr,
@@ -181,9 +181,10 @@ def _layout_kernel(Q, K, V, Out, Lse,
             m_i, l_i, acc = _online_update(q, k.to(dtype), v.to(dtype), bias, m_i, l_i, acc, qk_scale)
 
     if HAS_TAIL:
-        # second-order weight of a pooled segment (reference.tail_log_weights): log |K_j| + |q|^2 tail_spread_j
-        q32 = q.to(tl.float32)
-        q_square = tl.sum(q32 * q32, 1)
+        # second-order weight of a pooled segment (reference.tail_log_weights): log |K_j| + |q|^2 tail_spread_j,
+        # in base 2. |q|^2 comes precomputed per token: an fp32 copy of the query tile here would raise the
+        # kernel's register count, and with it slow every loop above.
+        q_square = tl.load(QSQ + g * N + qpos, mask=row_ok, other=0.0)
         for j0 in range(0, Sk, BLOCK_N):
             j = j0 + lanes
             ok = j < Sk
@@ -192,8 +193,8 @@ def _layout_kernel(Q, K, V, Out, Lse,
             chosen = tl.load(selected + base * Sk + j, mask=ok, other=1)
             log_size = tl.load(tail_bias + g * Sk + j, mask=ok, other=float("-inf"))
             spread = tl.load(tail_spread + g * Sk + j, mask=ok, other=0.0)
-            log_weight = log_size[None, :] + q_square[:, None] * spread[None, :]
-            bias = tl.where((chosen == 0)[None, :], log_weight * 1.4426950408889634, float("-inf"))
+            skipped_bias = tl.where(chosen == 0, log_size, float("-inf")) * 1.4426950408889634
+            bias = skipped_bias[None, :] + q_square[:, None] * (spread * 1.4426950408889634)[None, :]
             m_i, l_i, acc = _online_update(q, k, v, bias, m_i, l_i, acc, qk_scale)
 
     if HAS_LOCAL:  # merge the local-block partial (normalised output + natural-log lse)
@@ -392,8 +393,9 @@ def run_layout(q, k, v, q_off, k_off, selected, q_perm, k_perm, local_block: int
             k.stride(2), v.stride(0), v.stride(1), v.stride(2), heads, n, sq, sk, q_labels, k_labels, sel_bytes,
             local_block, qk_scale, D=d, BLOCK_M=lm, BLOCK_N=ln, num_warps=4, num_stages=1)
 
-    k_mean = v_mean = tail_bias = tail_spread = None
+    k_mean = v_mean = q_square = tail_bias = tail_spread = None
     if tail:
+        q_square = torch.linalg.vector_norm(q, dim=-1, dtype=torch.float32).square_().reshape(groups, n)
         k_mean, _, _, k_spread = segment_reduce(k, k_perm, k_off, mean=True, mean_dtype=q.dtype, spread=True)
         v_mean, _, _, _ = segment_reduce(v, k_perm, k_off, mean=True, mean_dtype=q.dtype)
         tail_bias = torch.log((k_off2[:, 1:] - k_off2[:, :-1]).float()).contiguous()
@@ -428,7 +430,7 @@ def run_layout(q, k, v, q_off, k_off, selected, q_perm, k_perm, local_block: int
         cum, delta, bounds, bound_seg, n_chunks,
         text_k if has_text else placeholder, text_v if has_text else placeholder, *tk_strides, *tv_strides, n_text,
         tb, *tb_strides,
-        k_mean if tail else placeholder, v_mean if tail else placeholder,
+        k_mean if tail else placeholder, v_mean if tail else placeholder, q_square if tail else placeholder,
         tail_bias if tail else placeholder, tail_spread if tail else placeholder, sel_bytes,
         local_out if local_block else placeholder, local_lse if local_block else placeholder,
         kd if kd is not None else placeholder, vd if vd is not None else placeholder,
