@@ -63,3 +63,14 @@ def test_kernel_bench_help_is_whole_sentences():
     description = kernel_bench.build_parser().description
     assert description.rstrip().endswith(".") and "PERFORMANCE.md" not in description
     assert "whole steady-state AdaCluster calls" in description
+
+
+def test_kernel_bench_tile_configs_parse_and_name_bad_items():
+    from comfyui_adacluster.adacluster_core.tools.kernel_bench import parse_tile_configs
+
+    assert parse_tile_configs(["128=64,64,8,3", "64=128,64,4,2"]) == {128: (64, 64, 8, 3), 64: (128, 64, 4, 2)}
+    assert parse_tile_configs([]) == {}
+    for item, fragment in [("128=64,64,8", "D=BM,BN,WARPS,STAGES"), ("96=64,64,4,3", "head dim 64 or 128"),
+                           ("128=48,64,4,3", "tile rows"), ("128=64,64,3,3", "warps"), ("128=64,64,4,9", "stages")]:
+        with pytest.raises(ValueError, match=fragment):
+            parse_tile_configs([item])

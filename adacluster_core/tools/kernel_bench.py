@@ -313,7 +313,33 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--case-steps", type=int, nargs="+", default=None, metavar="STEP",
                         help="video workload: the sparse steps of the 50-step schedule to measure, 1-49 "
                              "(default 10 25 40)")
+    parser.add_argument("--tile-config", dest="tile_configs", action="append", default=[],
+                        metavar="D=BM,BN,WARPS,STAGES",
+                        help="the layout kernel's tiling at head dim D in place of the pack's choice, e.g. "
+                             "128=64,64,8,3 (query rows, key rows, warps, pipeline stages; repeatable), to compare "
+                             "tilings on the same inputs")
     return parser
+
+
+TILE_ROWS = (16, 32, 64, 128, 256)
+
+
+def parse_tile_configs(items: list) -> dict:
+    """{head dim: (BLOCK_M, BLOCK_N, num_warps, num_stages)} from ``D=BM,BN,WARPS,STAGES`` items; ValueError
+    naming the item and the allowed values where one is malformed."""
+    configs = {}
+    for item in items:
+        try:
+            dim, values = item.split("=")
+            d, (block_m, block_n, warps, stages) = int(dim), (int(x) for x in values.split(","))
+        except ValueError:
+            raise ValueError(f"--tile-config {item!r}: expected D=BM,BN,WARPS,STAGES, e.g. 128=64,64,8,3") from None
+        if d not in (64, 128) or block_m not in TILE_ROWS or block_n not in TILE_ROWS:
+            raise ValueError(f"--tile-config {item!r}: head dim 64 or 128, tile rows one of {TILE_ROWS}")
+        if warps not in (1, 2, 4, 8, 16) or not 1 <= stages <= 5:
+            raise ValueError(f"--tile-config {item!r}: warps one of 1, 2, 4, 8, 16 and stages 1-5")
+        configs[d] = (block_m, block_n, warps, stages)
+    return configs
 
 
 def main(argv=None):
@@ -321,8 +347,16 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if not 0.0 < args.kept <= 1.0:
         parser.error(f"--kept {args.kept}: expected a fraction in (0, 1]")
+    try:
+        tile_configs = parse_tile_configs(args.tile_configs)
+    except ValueError as error:
+        parser.error(str(error))
     if not torch.cuda.is_available():
         parser.error("the kernel benchmark needs a CUDA GPU")
+    from ...kernels import triton_attention
+    triton_attention.CONFIG_OVERRIDE.update(tile_configs)
+    if tile_configs:
+        print(f"layout kernel tiling by head dim, (query rows, key rows, warps, stages): {tile_configs}")
     if args.workload == "video":
         from .video_bench import CASE_STEPS, SCHEDULE_STEPS, run
         if any(not 0.0 < tau <= 10.0 for tau in args.sol_tau):

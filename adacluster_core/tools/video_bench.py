@@ -243,6 +243,7 @@ def print_video_table(results: list, device_name: str, print_fn=print, steps=CAS
 def run(shapes: list, seed: int, out: Optional[str], methods=("default", "paper", "svg2"), sol_taus=SOL_TAUS,
         settings: Optional[dict] = None, steps=CASE_STEPS) -> list:
     import triton
+    from ...kernels.triton_attention import CONFIG_OVERRIDE
     device_name = torch.cuda.get_device_name()
     results = []
     for name in shapes:
@@ -251,6 +252,7 @@ def run(shapes: list, seed: int, out: Optional[str], methods=("default", "paper"
             with open(out, "w") as handle:
                 json.dump({"device": device_name, "torch": torch.__version__, "triton": triton.__version__,
                            "workload": "video", "settings": settings or {}, "steps": list(steps),
+                           "tile_configs": {str(d): list(c) for d, c in CONFIG_OVERRIDE.items()},
                            "results": results}, handle, indent=1)
     print_video_table(results, device_name, steps=steps, settings=settings)
     return results
