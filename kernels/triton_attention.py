@@ -287,7 +287,6 @@ def permute_kv(k: torch.Tensor, v: torch.Tensor, k_perm: torch.Tensor):
 # (BLOCK_M, BLOCK_N, num_warps, num_stages) per head dim, set by measurement tools to compare tilings
 CONFIG_OVERRIDE: dict = {}
 KEY_PATH_OVERRIDE = None  # "stream" or "hybrid": forces a key path (tests and measurements)
-SMALL_QUERY_SEGMENT = 400  # mean query cluster size (tokens) below which head dim 128 takes 64-row tiles
 
 
 def _key_path(q: torch.Tensor, k_perm) -> str:
@@ -308,14 +307,15 @@ def _key_path(q: torch.Tensor, k_perm) -> str:
 
 
 def _query_tile_rows(mean_query_segment: float, clustered_queries: bool) -> int:
-    """Query tile height (64 or 128) at head dim 128: 128-row tiles do the same work faster, 64-row tiles pad
-    short segments less. Measured on an H200 (video workload, default settings, step 25): clusters of ~250
-    queries (480p) run 7-9% faster in 64-row tiles, as each cluster's ragged last tile is about half padding;
-    clusters of ~580 (720p) 5% faster in 128-row tiles. Original-order blocks all have one size, so their padding
-    is known: AdaSpa's 64-token blocks ran 1.76x faster in 64-row tiles, MOD-DiT's 128-token blocks 9% faster
-    in 128-row tiles."""
+    """Query tile height (64 or 128) at head dim 128. Query clusters take 128-row tiles on 8 warps: measured on an
+    H100 (Wan 1.3B 480p, video workload, default layouts, clusters of ~250 queries), the layout kernel took 23% less
+    time than in 64-row tiles on 4 warps at step 25 (15.4 against 20.1 ms summed over five layer kinds) and 24% less
+    at step 10 (33.5 against 44.1 ms), although a cluster's ragged last tile pads more; 64-row tiles on 4 warps spill about 700 bytes of registers per
+    thread (compiled for sm_90), and on 8 warps they ran slower still. Original-order blocks all have one size, so
+    their padding is known: AdaSpa's 64-token blocks ran 1.76x faster in 64-row tiles, MOD-DiT's 128-token blocks
+    9% faster in 128-row tiles."""
     if clustered_queries:
-        return 64 if mean_query_segment < SMALL_QUERY_SEGMENT else 128
+        return 128
     size = max(1, round(mean_query_segment))
     return 64 if triton.cdiv(size, 64) * 64 < triton.cdiv(size, 128) * 128 else 128
 

@@ -225,23 +225,27 @@ def key_path():
 
 
 # (tokens, query segments, key segments) and, at head dim 128, the tiles (BLOCK_M, BLOCK_N) they must take
-KEY_PATH_SHAPES = {"long-clusters": (4099, 5, 7, (128, 128)), "long-query-clusters": (4099, 5, 29, (128, 64))}
+KEY_PATH_SHAPES = {"long-clusters": (4099, 5, 7, (128, 128))}
+SHORT_TILES = (64, 64, 4, 3)  # the tiling of original-order 64-token blocks, forced on clusters in "64-row-tiles"
 
 
 @pytest.mark.parametrize("path", ["stream", "hybrid"])
 @pytest.mark.parametrize("dtype", HALF_DTYPES)
 @pytest.mark.parametrize("head_dim", [64, 128])
-@pytest.mark.parametrize("case", ["clusters", "hybrid", "adjacent-runs", "long-clusters", "long-query-clusters"])
-def test_every_key_path_matches_reference(key_path, path, case, dtype, head_dim):
+@pytest.mark.parametrize("case", ["clusters", "hybrid", "adjacent-runs", "long-clusters", "64-row-tiles"])
+def test_every_key_path_matches_reference(key_path, path, case, dtype, head_dim, monkeypatch):
     """Both key paths; "adjacent-runs" selects runs of neighbouring key segments (merged ranges longer
     than a chunk, whole chunks plus remainders) and leaves one query segment with no keys;
-    "long-clusters" has query and key segments long enough for the tallest tiles, "long-query-clusters" query
-    segments long enough for 128-row query tiles (the other cases take 64-row tiles at head dim 128)."""
+    "long-clusters" has key segments long enough for 128-row key chunks, and "64-row-tiles" runs the clusters in
+    the 64-row query tiles that original-order blocks take at head dim 128."""
     from comfyui_adacluster.kernels import triton_attention
     key_path(path)
     gen = torch.Generator().manual_seed(sum(map(ord, case + path)) + head_dim)
-    tokens, sq, sk, tiles = KEY_PATH_SHAPES.get(case, (2011, 11, 29, (64, 64)))
+    tokens, sq, sk, tiles = KEY_PATH_SHAPES.get(case, (2011, 11, 29, (128, 64)))
     batch, heads = 1, 3
+    if case == "64-row-tiles":
+        monkeypatch.setitem(triton_attention.CONFIG_OVERRIDE, 128, SHORT_TILES)
+        tiles = SHORT_TILES[:2]
     if head_dim == 128:  # every tiling of head dim 128 is covered
         assert triton_attention._config(head_dim, tokens / sq, tokens / sk, True)[:2] == tiles
     options = LAYOUT_CASES.get(case, dict(empty_every=7))

@@ -35,10 +35,9 @@ def test_oracle_tables_cover_exactly_the_selected_keys():
 
 
 def test_query_tile_height_pads_least():
-    """Head dim 128: clusters below SMALL_QUERY_SEGMENT queries on average take 64-row tiles; original-order blocks
-    take the height that pads them least, 128 rows on a tie."""
+    """Head dim 128: query clusters take 128-row tiles whatever their size; original-order blocks take the height
+    that pads them least, 128 rows on a tie."""
     pytest.importorskip("triton")
-    from comfyui_adacluster.kernels.triton_attention import SMALL_QUERY_SEGMENT, _query_tile_rows
-    assert _query_tile_rows(252.0, True) == 64
-    assert _query_tile_rows(SMALL_QUERY_SEGMENT + 1.0, True) == 128
+    from comfyui_adacluster.kernels.triton_attention import _query_tile_rows
+    assert [_query_tile_rows(size, True) for size in (40.0, 252.0, 401.0, 2000.0)] == [128] * 4
     assert [_query_tile_rows(size, False) for size in (64, 128, 96, 192, 320, 512)] == [64, 128, 128, 64, 64, 128]
