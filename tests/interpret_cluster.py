@@ -12,12 +12,21 @@ from interpret_block_kernels import INTERPRETER_BROKEN, interpreter_works  # noq
 from comfyui_adacluster.kernels import reference, triton_cluster  # noqa: E402
 
 
+def dyadic_rows(groups: int, rows: int, d: int, spherical: bool, gen: torch.Generator) -> torch.Tensor:
+    """Random rows whose dot products are exact in fp32 whatever the summation order, so a tie between two
+    centroids is a tie in every matrix product (a BLAS may round one output column differently from another):
+    spherical, +-1/8 on 64 random channels (unit norm exactly); Euclidean, multiples of 1/8 in [-2, 2]."""
+    if not spherical:
+        return torch.randint(-16, 17, (groups, rows, d), generator=gen).float() / 8
+    signs = torch.randint(0, 2, (groups, rows, d), generator=gen).float() * 2 - 1
+    support = torch.rand(groups, rows, d, generator=gen).argsort(-1) < 64
+    return signs * support / 8
+
+
 def check(spherical: bool, groups: int, n: int, n_clusters: int, d: int, seed: int):
     gen = torch.Generator().manual_seed(seed)
-    x = torch.randn(groups, n, d, generator=gen)
-    cent = torch.randn(groups, n_clusters, d, generator=gen)
-    if spherical:
-        x, cent = reference.normalize_rows(x), reference.normalize_rows(cent)
+    x = dyadic_rows(groups, n, d, spherical, gen)
+    cent = dyadic_rows(groups, n_clusters, d, spherical, gen)
     # duplicates of one centroid 16 slots apart, and the last slot: the same column of later tiles for any
     # tile width of 16 or more, or another column; of tied centroids the lowest slot wins
     twin = min(3, n_clusters - 2)
