@@ -74,3 +74,56 @@ def test_kernel_bench_tile_configs_parse_and_name_bad_items():
                            ("128=48,64,4,3", "tile rows"), ("128=64,64,3,3", "warps"), ("128=64,64,4,9", "stages")]:
         with pytest.raises(ValueError, match=fragment):
             parse_tile_configs([item])
+
+
+def test_compared_tilings_are_checked_before_any_work(capsys):
+    from comfyui_adacluster.adacluster_core.tools import kernel_bench
+
+    for argv, fragment in [(["--compare-tilings", "128=64,64,4"], "--compare-tilings '128=64,64,4': expected"),
+                           (["--compare-tilings", "128=64,64,4,3"], "--compare-tilings needs --workload video"),
+                           (["--workload", "video", "--methods", "paper", "--compare-tilings", "128=64,32,4,3"],
+                            "keep default in --methods")]:
+        with pytest.raises(SystemExit) as info:
+            kernel_bench.main(argv)
+        err = capsys.readouterr().err
+        assert info.value.code == 2 and fragment in err, (argv, err)
+
+
+def test_layout_tiling_restores_the_run_tiling():
+    pytest.importorskip("triton")
+    from comfyui_adacluster.adacluster_core.tools.kernel_bench import layout_tiling
+    from comfyui_adacluster.kernels import triton_attention
+
+    overrides = triton_attention.CONFIG_OVERRIDE
+    assert 128 not in overrides
+    with layout_tiling(128, (64, 32, 4, 3)):
+        assert triton_attention._config(128, 250.0, 100.0, True) == (64, 32, 4, 3)
+    assert 128 not in overrides
+    overrides[128] = (128, 128, 8, 3)  # a --tile-config of the run comes back after a compared tiling
+    try:
+        with pytest.raises(RuntimeError):
+            with layout_tiling(128, (64, 64, 8, 3)):
+                raise RuntimeError("a failed launch")
+        assert overrides[128] == (128, 128, 8, 3)
+    finally:
+        overrides.pop(128)
+
+
+def test_compared_tilings_are_summarised_against_the_run_tiling():
+    from comfyui_adacluster.adacluster_core.tools import video_bench
+
+    def case(run_ms, other_ms, difference):
+        row = {"rel_l2": 0.05, "kept": 0.1, "call_ms": 4.0, "kernel_hybrid_ms": run_ms,
+               "kernel_by_tiling": {"128=64,32,4,3": {"ms": other_ms, "rel_diff": difference, "run_tiling_ms": run_ms}}}
+        return {"dense_ms": 11.0, "rows": {"default": row}}
+
+    failed = case(4.0, 0.1, 0.0)
+    failed["rows"]["default"]["kernel_by_tiling"]["128=64,32,4,3"] = {"error": "OutOfResources: shared memory"}
+    cases = [case(3.0, 2.4, 1e-3), case(5.0, 4.6, 4e-3), failed]
+    summary = video_bench.summarize(cases)
+    timing = summary["default"]["kernel_by_tiling"]["128=64,32,4,3"]
+    assert timing == pytest.approx({"ms": 3.5, "run_tiling_ms": 4.0, "max_rel_diff": 4e-3})
+    lines = []
+    video_bench.print_video_table([{"shape": "wan1.3b-480p", "cases": cases, "summary": summary}], "GPU",
+                                  print_fn=lines.append)
+    assert "wan1.3b-480p | 128=64,32,4,3 | 3.50 | 4.00 | 0.88x | 4.0e-03" in lines

@@ -18,6 +18,7 @@ Times are medians of CUDA-event-timed runs after warm-up; inputs are random (nev
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import statistics
 import time
@@ -318,28 +319,57 @@ def build_parser() -> argparse.ArgumentParser:
                         help="the layout kernel's tiling at head dim D in place of the pack's choice, e.g. "
                              "128=64,64,8,3 (query rows, key rows, warps, pipeline stages; repeatable), to compare "
                              "tilings on the same inputs")
+    parser.add_argument("--compare-tilings", dest="compared_tilings", action="append", default=[],
+                        metavar="D=BM,BN,WARPS,STAGES",
+                        help="video workload: in every case, also time the default row's layout kernel in this tiling "
+                             "on the same layout (repeatable); the table then lists each tiling's mean time against "
+                             "the run's own tiling (the pack's choice, or --tile-config), so one run compares several")
     return parser
 
 
 TILE_ROWS = (16, 32, 64, 128, 256)
 
 
+def parse_tile_config(item: str, flag: str = "--tile-config") -> tuple:
+    """(head dim, (BLOCK_M, BLOCK_N, num_warps, num_stages)) from one ``D=BM,BN,WARPS,STAGES`` item; ValueError
+    naming the flag, the item and the allowed values where it is malformed."""
+    try:
+        dim, values = item.split("=")
+        d, (block_m, block_n, warps, stages) = int(dim), (int(x) for x in values.split(","))
+    except ValueError:
+        raise ValueError(f"{flag} {item!r}: expected D=BM,BN,WARPS,STAGES, e.g. 128=64,64,8,3") from None
+    if d not in (64, 128) or block_m not in TILE_ROWS or block_n not in TILE_ROWS:
+        raise ValueError(f"{flag} {item!r}: head dim 64 or 128, tile rows one of {TILE_ROWS}")
+    if warps not in (1, 2, 4, 8, 16) or not 1 <= stages <= 5:
+        raise ValueError(f"{flag} {item!r}: warps one of 1, 2, 4, 8, 16 and stages 1-5")
+    return d, (block_m, block_n, warps, stages)
+
+
 def parse_tile_configs(items: list) -> dict:
-    """{head dim: (BLOCK_M, BLOCK_N, num_warps, num_stages)} from ``D=BM,BN,WARPS,STAGES`` items; ValueError
-    naming the item and the allowed values where one is malformed."""
-    configs = {}
-    for item in items:
-        try:
-            dim, values = item.split("=")
-            d, (block_m, block_n, warps, stages) = int(dim), (int(x) for x in values.split(","))
-        except ValueError:
-            raise ValueError(f"--tile-config {item!r}: expected D=BM,BN,WARPS,STAGES, e.g. 128=64,64,8,3") from None
-        if d not in (64, 128) or block_m not in TILE_ROWS or block_n not in TILE_ROWS:
-            raise ValueError(f"--tile-config {item!r}: head dim 64 or 128, tile rows one of {TILE_ROWS}")
-        if warps not in (1, 2, 4, 8, 16) or not 1 <= stages <= 5:
-            raise ValueError(f"--tile-config {item!r}: warps one of 1, 2, 4, 8, 16 and stages 1-5")
-        configs[d] = (block_m, block_n, warps, stages)
-    return configs
+    """{head dim: (BLOCK_M, BLOCK_N, num_warps, num_stages)} from ``D=BM,BN,WARPS,STAGES`` items (the last one
+    per head dim wins)."""
+    return dict(parse_tile_config(item) for item in items)
+
+
+def tiling_label(d: int, config: tuple) -> str:
+    return f"{d}=" + ",".join(str(x) for x in config)
+
+
+@contextlib.contextmanager
+def layout_tiling(d: int, config: tuple):
+    """The layout kernel runs in ``config`` at head dim ``d`` inside the block; the previous override (or the
+    pack's own choice) comes back after it."""
+    from ...kernels import triton_attention
+    overrides = triton_attention.CONFIG_OVERRIDE
+    previous = overrides.get(d)
+    overrides[d] = config
+    try:
+        yield
+    finally:
+        if previous is None:
+            overrides.pop(d, None)
+        else:
+            overrides[d] = previous
 
 
 def main(argv=None):
@@ -349,8 +379,13 @@ def main(argv=None):
         parser.error(f"--kept {args.kept}: expected a fraction in (0, 1]")
     try:
         tile_configs = parse_tile_configs(args.tile_configs)
+        compared = [parse_tile_config(item, "--compare-tilings") for item in args.compared_tilings]
     except ValueError as error:
         parser.error(str(error))
+    if compared and args.workload != "video":
+        parser.error("--compare-tilings needs --workload video")
+    if compared and "default" not in args.methods:
+        parser.error("--compare-tilings times the default row's layouts: keep default in --methods")
     if not torch.cuda.is_available():
         parser.error("the kernel benchmark needs a CUDA GPU")
     from ...kernels import triton_attention
@@ -369,7 +404,7 @@ def main(argv=None):
         if any(not 1 <= step <= SCHEDULE_STEPS - 1 for step in steps):
             parser.error(f"--case-steps {list(steps)}: expected steps in [1, {SCHEDULE_STEPS - 1}]")
         run(args.shapes, args.seed, args.out, methods=args.methods, sol_taus=tuple(args.sol_tau), settings=settings,
-            steps=steps)
+            steps=steps, tilings=compared)
         print(f"\nwrote {args.out}")
         return
     generator = torch.Generator(device="cuda").manual_seed(args.seed)

@@ -14,7 +14,8 @@ Error is the relative L2 distance of the video queries' output from dense attent
 fraction of (query, key) pairs attended exactly. For the default the call is also timed replayed as a CUDA
 graph (replay ms, the "CUDA graphs" widget, copies in and out included) and split into planning
 (clustering + selection), statistics, the two as one graph, and the layout kernel on both key paths;
-"graph ms" is the whole call captured in one graph, without the copies that replay adds.
+"graph ms" is the whole call captured in one graph, without the copies that replay adds. With
+``--compare-tilings`` the default row's layout kernel is also timed in other tilings on the same layouts.
 """
 from __future__ import annotations
 
@@ -27,7 +28,7 @@ from typing import Optional
 import torch
 
 from ..config import PUBLISHED_SETTINGS
-from .kernel_bench import _graph, _plan, fastest_dense, time_ms
+from .kernel_bench import _graph, _plan, fastest_dense, layout_tiling, time_ms, tiling_label
 from .workload import VideoAttentionWorkload, WorkloadConfig
 
 
@@ -77,9 +78,11 @@ def _rel_l2(out: torch.Tensor, ref: torch.Tensor) -> float:
     return float((out.float() - ref.float()).norm() / ref.float().norm().clamp_min(1e-12))
 
 
-def run_case(name, q, k, v, call_kwargs, step, overrides, dense_out, dense_ms, video, detail: bool) -> dict:
+def run_case(name, q, k, v, call_kwargs, step, overrides, dense_out, dense_ms, video, detail: bool,
+             tilings=()) -> dict:
     """One runner row on one case: calibrate at step - 1, time the sparse call at ``step``. ``overrides``:
-    settings on top of the family preset (the row's, then the command line's ``--set``)."""
+    settings on top of the family preset (the row's, then the command line's ``--set``); ``tilings``: (head dim,
+    tiling) pairs in which the detail also times the layout kernel on the same layout."""
     from ..attention import CallInfo, SparseAttention
     from ..cache import RunCache
     from ..config import load_preset
@@ -123,6 +126,19 @@ def run_case(name, q, k, v, call_kwargs, step, overrides, dense_out, dense_ms, v
             finally:
                 triton_attention.KEY_PATH_OVERRIDE = None
         row["key_path"] = triton_attention._key_path(qv, layout.k_perm)
+        chosen_out = execute_layout(qv, kv, vv, layout)
+        for d, config in tilings:
+            if d != qv.shape[-1]:
+                continue
+            timing = row.setdefault("kernel_by_tiling", {}).setdefault(tiling_label(d, config), {})
+            try:
+                with layout_tiling(d, config):
+                    # the difference from the run's tiling guards the comparison against a fast but wrong tiling
+                    timing["rel_diff"] = _rel_l2(execute_layout(qv, kv, vv, layout), chosen_out)
+                    timing["ms"] = time_ms(lambda: execute_layout(qv, kv, vv, layout), max_runs=20, budget_ms=400.0)
+                timing["run_tiling_ms"] = row[f"kernel_{row['key_path']}_ms"]
+            except Exception as error:  # noqa: BLE001 - a tiling that does not compile here (shared memory)
+                timing["error"] = f"{type(error).__name__}: {str(error).splitlines()[0][:160]}"
         try:
             row["graph_ms"] = time_ms(_graph(call).replay, max_runs=20, budget_ms=400.0)
         except Exception as error:  # noqa: BLE001 - report, keep benchmarking
@@ -148,9 +164,10 @@ def run_sol(sol, q, k, v, tau, shape: VideoShape, dense_out, dense_ms, video) ->
 
 
 def bench_video_shape(name: str, seed: int, methods=("default", "paper", "svg2"), sol_taus=SOL_TAUS,
-                      log=print, settings: Optional[dict] = None, steps=CASE_STEPS) -> dict:
+                      log=print, settings: Optional[dict] = None, steps=CASE_STEPS, tilings=()) -> dict:
     """Every case of one shape. ``settings``: config overrides applied to every runner row (``--set``);
-    ``steps``: the sparse steps of the 50-step schedule measured."""
+    ``steps``: the sparse steps of the 50-step schedule measured; ``tilings``: (head dim, tiling) pairs in which
+    the default row's layout kernel is also timed (``--compare-tilings``)."""
     shape = VIDEO_SHAPES[name]
     started = time.time()
     workload = VideoAttentionWorkload(WorkloadConfig(
@@ -176,7 +193,8 @@ def bench_video_shape(name: str, seed: int, methods=("default", "paper", "svg2")
                 try:
                     case["rows"][method] = run_case(name, q, k, v, workload.call_kwargs(), step,
                                                     {**overrides, **(settings or {})}, dense_out, dense_ms, video,
-                                                    detail=method == "default")
+                                                    detail=method == "default",
+                                                    tilings=tilings if method == "default" else ())
                 except Exception as error:  # noqa: BLE001 - report, keep benchmarking
                     case["rows"][method] = {"error": f"{type(error).__name__}: {str(error).splitlines()[0][:160]}"}
             if sol is not None:
@@ -211,6 +229,9 @@ def summarize(cases: list) -> dict:
             for key in DETAIL_KEYS:
                 if key in row:
                     m.setdefault(key, []).append(row[key])
+            for label, timing in row.get("kernel_by_tiling", {}).items():
+                if "error" not in timing:
+                    m.setdefault("kernel_by_tiling", {}).setdefault(label, []).append(timing)
     summary = {}
     for method, m in methods.items():
         s = {"rel_l2": statistics.fmean(m["rel_l2"]), "kept": statistics.fmean(m["kept"]) if m["kept"] else None,
@@ -218,6 +239,11 @@ def summarize(cases: list) -> dict:
         for key in DETAIL_KEYS:
             if key in m:
                 s[key] = statistics.fmean(m[key])
+        if "kernel_by_tiling" in m:
+            s["kernel_by_tiling"] = {label: {"ms": statistics.fmean(t["ms"] for t in timings),
+                                             "run_tiling_ms": statistics.fmean(t["run_tiling_ms"] for t in timings),
+                                             "max_rel_diff": max(t["rel_diff"] for t in timings)}
+                                     for label, timings in m["kernel_by_tiling"].items()}
         summary[method] = s
     return summary
 
@@ -238,21 +264,33 @@ def print_video_table(results: list, device_name: str, print_fn=print, steps=CAS
                                  fmt(s.get("plan_ms")), fmt(s.get("plan_graph_ms")),
                                  fmt(s.get("kernel_stream_ms")), fmt(s.get("kernel_hybrid_ms")),
                                  fmt(s.get("graph_ms"))]))
+    compared = [(result["shape"], s) for result in results for s in result["summary"].values()
+                if "kernel_by_tiling" in s]
+    if compared:
+        print_fn("\nLayout kernel of the default in other tilings, on the same layouts and key path: mean ms over "
+                 "the cases, against the run's own tiling (the pack's choice, or --tile-config)")
+        print_fn(" | ".join(["shape", "tiling", "kernel ms", "run's tiling ms", "ratio", "max rel. difference"]))
+        for shape, s in compared:
+            for label, t in s["kernel_by_tiling"].items():
+                print_fn(" | ".join([shape, label, fmt(t["ms"]), fmt(t["run_tiling_ms"]),
+                                     f"{t['ms'] / t['run_tiling_ms']:.2f}x", f"{t['max_rel_diff']:.1e}"]))
 
 
 def run(shapes: list, seed: int, out: Optional[str], methods=("default", "paper", "svg2"), sol_taus=SOL_TAUS,
-        settings: Optional[dict] = None, steps=CASE_STEPS) -> list:
+        settings: Optional[dict] = None, steps=CASE_STEPS, tilings=()) -> list:
     import triton
     from ...kernels.triton_attention import CONFIG_OVERRIDE
     device_name = torch.cuda.get_device_name()
     results = []
     for name in shapes:
-        results.append(bench_video_shape(name, seed, methods, sol_taus, settings=settings, steps=steps))
+        results.append(bench_video_shape(name, seed, methods, sol_taus, settings=settings, steps=steps,
+                                         tilings=tilings))
         if out:
             with open(out, "w") as handle:
                 json.dump({"device": device_name, "torch": torch.__version__, "triton": triton.__version__,
                            "workload": "video", "settings": settings or {}, "steps": list(steps),
                            "tile_configs": {str(d): list(c) for d, c in CONFIG_OVERRIDE.items()},
+                           "compared_tilings": [tiling_label(d, c) for d, c in tilings],
                            "results": results}, handle, indent=1)
     print_video_table(results, device_name, steps=steps, settings=settings)
     return results
