@@ -127,3 +127,34 @@ def test_compared_tilings_are_summarised_against_the_run_tiling():
     video_bench.print_video_table([{"shape": "wan1.3b-480p", "cases": cases, "summary": summary}], "GPU",
                                   print_fn=lines.append)
     assert "wan1.3b-480p | 128=64,32,4,3 | 3.50 | 4.00 | 0.88x | 4.0e-03" in lines
+
+
+def test_compared_tilings_run_through_the_video_benchmark_on_the_cpu(monkeypatch):
+    """The wiring of --compare-tilings through a whole case, on the PyTorch executors with the GPU timers replaced
+    (the tiling changes nothing there, so its difference from the run's tiling is zero)."""
+    pytest.importorskip("triton")
+    from types import SimpleNamespace
+
+    from comfyui_adacluster.adacluster_core.tools import video_bench
+
+    def one_run(fn, **_):
+        fn()
+        return 1.0
+
+    monkeypatch.setenv("TRITON_INTERPRET", "1")  # the key path is chosen without asking a GPU
+    monkeypatch.setitem(video_bench.VIDEO_SHAPES, "tiny", video_bench.VideoShape(2, 8, 12, 2, 64, "wan"))
+    monkeypatch.setattr(video_bench, "time_ms", one_run)
+    monkeypatch.setattr(video_bench, "fastest_dense", lambda q, k, v: ("math", 2.0, {}))
+    monkeypatch.setattr(video_bench, "_graph", lambda fn: SimpleNamespace(replay=fn))
+    monkeypatch.setattr(video_bench.torch.cuda, "empty_cache", lambda: None)
+    monkeypatch.setattr(video_bench.VideoAttentionWorkload, "to", lambda self, device: self)
+    result = video_bench.bench_video_shape("tiny", 0, methods=("default",), sol_taus=(), log=lambda line: None,
+                                           settings={"query_clusters": 6, "initial_key_clusters": 10},
+                                           steps=(25,), tilings=[(64, (64, 32, 4, 3)), (128, (128, 64, 8, 3))])
+    rows = [case["rows"]["default"] for case in result["cases"]]
+    assert rows and all("error" not in row for row in rows), rows
+    for row in rows:  # only the shape's head dim is compared
+        assert set(row["kernel_by_tiling"]) == {"64=64,32,4,3"}
+        assert row["kernel_by_tiling"]["64=64,32,4,3"] == {"rel_diff": 0.0, "ms": 1.0, "run_tiling_ms": 1.0}
+    assert result["summary"]["default"]["kernel_by_tiling"] == {
+        "64=64,32,4,3": {"ms": 1.0, "run_tiling_ms": 1.0, "max_rel_diff": 0.0}}
