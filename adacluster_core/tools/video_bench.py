@@ -126,10 +126,9 @@ def run_case(name, q, k, v, call_kwargs, step, overrides, dense_out, dense_ms, v
             finally:
                 triton_attention.KEY_PATH_OVERRIDE = None
         row["key_path"] = triton_attention._key_path(qv, layout.k_perm)
-        chosen_out = execute_layout(qv, kv, vv, layout)
-        for d, config in tilings:
-            if d != qv.shape[-1]:
-                continue
+        compared = [(d, config) for d, config in tilings if d == qv.shape[-1]]
+        chosen_out = execute_layout(qv, kv, vv, layout) if compared else None
+        for d, config in compared:
             timing = row.setdefault("kernel_by_tiling", {}).setdefault(tiling_label(d, config), {})
             try:
                 with layout_tiling(d, config):
