@@ -310,10 +310,11 @@ def _query_tile_rows(mean_query_segment: float, clustered_queries: bool) -> int:
     """Query tile height (64 or 128) at head dim 128. Query clusters take 128-row tiles on 8 warps: measured on an
     H100 (Wan 1.3B 480p, video workload, default layouts, clusters of ~250 queries), the layout kernel took 23% less
     time than in 64-row tiles on 4 warps at step 25 (15.4 against 20.1 ms summed over five layer kinds) and 24% less
-    at step 10 (33.5 against 44.1 ms), although a cluster's ragged last tile pads more; 64-row tiles on 4 warps spill about 700 bytes of registers per
-    thread (compiled for sm_90), and on 8 warps they ran slower still. Original-order blocks all have one size, so
-    their padding is known: AdaSpa's 64-token blocks ran 1.76x faster in 64-row tiles, MOD-DiT's 128-token blocks
-    9% faster in 128-row tiles."""
+    at step 10 (33.5 against 44.1 ms), although a cluster's ragged last tile pads more. 64-row tiles on 4 warps
+    spill 488-504 bytes of registers per thread (compiled for sm_90 by Triton 3.6; 128-row tiles on 8 warps
+    176-192), and on 8 warps they ran slower still. Original-order blocks all have one size, so their padding is
+    known: AdaSpa's 64-token blocks ran 1.76x faster in 64-row tiles, MOD-DiT's 128-token blocks 9% faster in
+    128-row tiles."""
     if clustered_queries:
         return 128
     size = max(1, round(mean_query_segment))
