@@ -3,8 +3,8 @@ CPU with Triton's own ptxas: the pooled tail must cost about what another key lo
 
 Spilled registers slow every loop of the kernel, not only the tail's: a version that squared an fp32 copy of the
 query tile inside the tail raised the stack from about 700 to about 980 bytes per thread in the 64-row tiles on 4
-warps that 480p took then (the tiling itself spilled, and was replaced for that reason). Compiling needs no GPU; the test
-skips where this Triton cannot compile for sm_90 or ships no cuobjdump."""
+warps that 480p took then (the tiling itself spilled, and was replaced for that reason). Compiling needs no GPU;
+the test skips where this Triton cannot compile for sm_90 or ships no cuobjdump."""
 import os
 import re
 import subprocess
