@@ -135,7 +135,7 @@ def test_compared_tilings_run_through_the_video_benchmark_on_the_cpu(monkeypatch
     pytest.importorskip("triton")
     from types import SimpleNamespace
 
-    from comfyui_adacluster.adacluster_core.tools import video_bench
+    from comfyui_adacluster.adacluster_core.tools import kernel_bench, video_bench
 
     def one_run(fn, **_):
         fn()
@@ -144,6 +144,7 @@ def test_compared_tilings_run_through_the_video_benchmark_on_the_cpu(monkeypatch
     monkeypatch.setenv("TRITON_INTERPRET", "1")  # the key path is chosen without asking a GPU
     monkeypatch.setitem(video_bench.VIDEO_SHAPES, "tiny", video_bench.VideoShape(2, 8, 12, 2, 64, "wan"))
     monkeypatch.setattr(video_bench, "time_ms", one_run)
+    monkeypatch.setattr(kernel_bench, "time_ms", one_run)
     monkeypatch.setattr(video_bench, "fastest_dense", lambda q, k, v: ("math", 2.0, {}))
     monkeypatch.setattr(video_bench, "_graph", lambda fn: SimpleNamespace(replay=fn))
     monkeypatch.setattr(video_bench.torch.cuda, "empty_cache", lambda: None)
@@ -158,3 +159,20 @@ def test_compared_tilings_run_through_the_video_benchmark_on_the_cpu(monkeypatch
         assert row["kernel_by_tiling"]["64=64,32,4,3"] == {"rel_diff": 0.0, "ms": 1.0, "run_tiling_ms": 1.0}
     assert result["summary"]["default"]["kernel_by_tiling"] == {
         "64=64,32,4,3": {"ms": 1.0, "run_tiling_ms": 1.0, "max_rel_diff": 0.0}}
+
+
+def test_the_methods_benchmark_compares_tilings(capsys):
+    """--compare-tilings of the methods benchmark: checked before any work, and each method's tiling printed
+    against the pack's choice (a tiling that failed, with its error)."""
+    from comfyui_adacluster.adacluster_core.tools.kernel_bench import methods_main, print_method_tilings
+
+    with pytest.raises(SystemExit):
+        methods_main(["--compare-tilings", "128=64,48,4,3"])
+    assert "--compare-tilings '128=64,48,4,3': head dim 64 or 128, tile rows one of" in capsys.readouterr().err
+    rows = [{"shape": "wan1.3b-480p",
+             "adaspa": {"kernel_by_tiling": {"128=64,32,4,3": {"rel_diff": 2e-3, "ms": 3.0, "run_tiling_ms": 4.0}}},
+             "moddit": {"kernel_by_tiling": {"128=64,32,4,3": {"error": "OutOfResources: shared memory"}}}}]
+    lines = []
+    print_method_tilings(rows, lines.append)
+    assert lines[2] == "wan1.3b-480p | adaspa | 128=64,32,4,3 | 3.00 | 4.00 | 0.75x | 2.0e-03"
+    assert lines[3] == "wan1.3b-480p | moddit | 128=64,32,4,3 | OutOfResources: shared memory | - | - | -"

@@ -372,6 +372,30 @@ def layout_tiling(d: int, config: tuple):
             overrides[d] = previous
 
 
+def rel_l2(out: torch.Tensor, ref: torch.Tensor) -> float:
+    return float((out.float() - ref.float()).norm() / ref.float().norm().clamp_min(1e-12))
+
+
+def kernel_by_tiling(execute, head_dim: int, tilings, run_tiling_ms: float) -> dict:
+    """The layout kernel timed in each of ``tilings`` ((head dim, tiling) pairs; those of another head dim are
+    skipped) on one fixed layout. ``execute()`` runs it once; ``run_tiling_ms`` is its time in the run's own
+    tiling. Returns {label: {"rel_diff", "ms", "run_tiling_ms"}}, or {label: {"error"}} for a tiling that fails."""
+    compared = [(d, config) for d, config in tilings if d == head_dim]
+    chosen_out = execute() if compared else None
+    timings = {}
+    for d, config in compared:
+        timing = timings[tiling_label(d, config)] = {}
+        try:
+            with layout_tiling(d, config):
+                # the difference from the run's tiling guards the comparison against a fast but wrong tiling
+                timing["rel_diff"] = rel_l2(execute(), chosen_out)
+                timing["ms"] = time_ms(execute, max_runs=20, budget_ms=400.0)
+            timing["run_tiling_ms"] = run_tiling_ms
+        except Exception as error:  # noqa: BLE001 - a tiling that does not compile here (shared memory)
+            timing["error"] = f"{type(error).__name__}: {str(error).splitlines()[0][:160]}"
+    return timings
+
+
 def main(argv=None):
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -435,11 +459,13 @@ GRIDS = {"cogvideox2b-480p": (13, 30, 45), "wan1.3b-480p": (21, 30, 52), "wan14b
          "wan14b-720p": (21, 45, 80), "hunyuan-720p": (33, 45, 80)}
 
 
-def bench_methods(name: str, generator, sparsity: float = 0.8, top_k: int = 350, with_clustering: bool = True) -> dict:
+def bench_methods(name: str, generator, sparsity: float = 0.8, top_k: int = 350, with_clustering: bool = True,
+                  tilings=()) -> dict:
     """The pack's methods at one shape, through the runner, on the same q/k/v: AdaSpa's and MOD-DiT's sparse
     calls and their floor (kept fraction x fastest dense), AdaSpa's fused search step and LSE-cached search,
     MOD-DiT's fit step, fit (from the map to the mask) and refresh, each also as a share of a dense call or
-    of the sparse call; with ``with_clustering`` also AdaCluster's default and the SVG2 rule (bench_runner)."""
+    of the sparse call; with ``with_clustering`` also AdaCluster's default and the SVG2 rule (bench_runner).
+    ``tilings``: (head dim, tiling) pairs in which AdaSpa's and MOD-DiT's layout kernels are also timed."""
     from ..attention import CallInfo, SparseAttention
     from ..cache import RunCache
     from ..config import from_dict
@@ -464,6 +490,9 @@ def bench_methods(name: str, generator, sparsity: float = 0.8, top_k: int = 350,
         floor = kept * dense_ms
         out.update(call_vs_floor=out["call_ms"] / floor, kernel_vs_floor=out["kernel_ms"] / floor,
                    speedup=dense_ms / out["call_ms"])
+        timings = kernel_by_tiling(lambda: execute_layout(q, k, v, layout), d, tilings, out["kernel_ms"])
+        if timings:
+            out["kernel_by_tiling"] = timings
         return out
 
     cache = RunCache()
@@ -523,18 +552,41 @@ def methods_main(argv=None):
     parser.add_argument("--out", default="methods_benchmark.json")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-clustering", action="store_true", help="skip the AdaCluster and SVG2 rows")
+    parser.add_argument("--compare-tilings", dest="compared_tilings", action="append", default=[],
+                        metavar="D=BM,BN,WARPS,STAGES",
+                        help="also time AdaSpa's and MOD-DiT's layout kernels in this tiling on the same layouts "
+                             "(repeatable), against the pack's choice")
     args = parser.parse_args(argv)
+    try:
+        tilings = [parse_tile_config(item, "--compare-tilings") for item in args.compared_tilings]
+    except ValueError as error:
+        parser.error(str(error))
     if not torch.cuda.is_available():
         parser.error("the benchmark needs a CUDA GPU")
     generator = torch.Generator(device="cuda").manual_seed(args.seed)
     rows = []
     for name in args.shapes:
-        rows.append(bench_methods(name, generator, args.sparsity, args.top_k, not args.no_clustering))
+        rows.append(bench_methods(name, generator, args.sparsity, args.top_k, not args.no_clustering, tilings))
         print(json.dumps(rows[-1]), flush=True)
         with open(args.out, "w") as handle:
             json.dump({"device": torch.cuda.get_device_name(), "torch": torch.__version__, "rows": rows}, handle,
                       indent=1)
+    print_method_tilings(rows)
     print(f"wrote {args.out}")
+
+
+def print_method_tilings(rows: list, print_fn=print) -> None:
+    """Each compared tiling's layout-kernel time against the pack's choice, per shape and method."""
+    lines = [" | ".join([row["shape"], method, label, _fmt(t.get("ms", t.get("error"))), _fmt(t.get("run_tiling_ms")),
+                         f"{t['ms'] / t['run_tiling_ms']:.2f}x" if "ms" in t else "-",
+                         f"{t['rel_diff']:.1e}" if "rel_diff" in t else "-"])
+             for row in rows for method in ("adaspa", "moddit")
+             for label, t in row[method].get("kernel_by_tiling", {}).items()]
+    if lines:
+        print_fn("\nLayout kernel in other tilings, on the same layouts: ms against the pack's choice")
+        print_fn(" | ".join(["shape", "method", "tiling", "kernel ms", "pack's tiling ms", "ratio", "rel. difference"]))
+        for line in lines:
+            print_fn(line)
 
 
 if __name__ == "__main__":

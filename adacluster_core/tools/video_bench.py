@@ -28,7 +28,7 @@ from typing import Optional
 import torch
 
 from ..config import PUBLISHED_SETTINGS
-from .kernel_bench import _graph, _plan, fastest_dense, layout_tiling, time_ms, tiling_label
+from .kernel_bench import _graph, _plan, fastest_dense, kernel_by_tiling, rel_l2, time_ms, tiling_label
 from .workload import VideoAttentionWorkload, WorkloadConfig
 
 
@@ -74,10 +74,6 @@ def _sol():
         return None
 
 
-def _rel_l2(out: torch.Tensor, ref: torch.Tensor) -> float:
-    return float((out.float() - ref.float()).norm() / ref.float().norm().clamp_min(1e-12))
-
-
 def run_case(name, q, k, v, call_kwargs, step, overrides, dense_out, dense_ms, video, detail: bool,
              tilings=()) -> dict:
     """One runner row on one case: calibrate at step - 1, time the sparse call at ``step``. ``overrides``:
@@ -102,7 +98,7 @@ def run_case(name, q, k, v, call_kwargs, step, overrides, dense_out, dense_ms, v
     if reason is not None:
         return {"error": f"call stays dense: {reason}"}
     out = runner(q, k, v, call_info, dense=dense)  # the first sparse call: error measured on it
-    row = {"rel_l2": _rel_l2(out[:, :, video], dense_out[:, :, video]),
+    row = {"rel_l2": rel_l2(out[:, :, video], dense_out[:, :, video]),
            "kept": float(cache.records[-1].kept.float().mean())}
     call = lambda: runner(q, k, v, call_info, dense=dense)  # noqa: E731
     row["call_ms"] = time_ms(call, max_runs=20, budget_ms=600.0)
@@ -126,18 +122,10 @@ def run_case(name, q, k, v, call_kwargs, step, overrides, dense_out, dense_ms, v
             finally:
                 triton_attention.KEY_PATH_OVERRIDE = None
         row["key_path"] = triton_attention._key_path(qv, layout.k_perm)
-        compared = [(d, config) for d, config in tilings if d == qv.shape[-1]]
-        chosen_out = execute_layout(qv, kv, vv, layout) if compared else None
-        for d, config in compared:
-            timing = row.setdefault("kernel_by_tiling", {}).setdefault(tiling_label(d, config), {})
-            try:
-                with layout_tiling(d, config):
-                    # the difference from the run's tiling guards the comparison against a fast but wrong tiling
-                    timing["rel_diff"] = _rel_l2(execute_layout(qv, kv, vv, layout), chosen_out)
-                    timing["ms"] = time_ms(lambda: execute_layout(qv, kv, vv, layout), max_runs=20, budget_ms=400.0)
-                timing["run_tiling_ms"] = row[f"kernel_{row['key_path']}_ms"]
-            except Exception as error:  # noqa: BLE001 - a tiling that does not compile here (shared memory)
-                timing["error"] = f"{type(error).__name__}: {str(error).splitlines()[0][:160]}"
+        timings = kernel_by_tiling(lambda: execute_layout(qv, kv, vv, layout), qv.shape[-1], tilings,
+                                   row[f"kernel_{row['key_path']}_ms"])
+        if timings:
+            row["kernel_by_tiling"] = timings
         try:
             row["graph_ms"] = time_ms(_graph(call).replay, max_runs=20, budget_ms=400.0)
         except Exception as error:  # noqa: BLE001 - report, keep benchmarking
@@ -159,7 +147,7 @@ def run_sol(sol, q, k, v, tau, shape: VideoShape, dense_out, dense_ms, video) ->
     call = lambda: sol(qt, kt, vt, tau=tau, **kwargs)  # noqa: E731
     out = call().transpose(1, 2)
     ms = time_ms(call, max_runs=20, budget_ms=600.0)
-    return {"rel_l2": _rel_l2(out[:, :, video], dense_out[:, :, video]), "call_ms": ms, "speedup": dense_ms / ms}
+    return {"rel_l2": rel_l2(out[:, :, video], dense_out[:, :, video]), "call_ms": ms, "speedup": dense_ms / ms}
 
 
 def bench_video_shape(name: str, seed: int, methods=("default", "paper", "svg2"), sol_taus=SOL_TAUS,
