@@ -136,7 +136,7 @@ def test_sol_routing_kept_pairs():
     assert torch.equal(routed[0, 0], band)  # a huge tau keeps the diagonal band only
 
 
-@pytest.mark.skipif(demo.sol_attn_function() is None, reason="comfy-kitchen (optional bench dependency) not installed")
+@pytest.mark.skipif(demo.sol_attn_function()[0] is None, reason="comfy-kitchen (optional bench dependency) not installed")
 def test_sol_routing_reproduces_sol_attn_exact_branch():
     wl = VideoAttentionWorkload(WorkloadConfig(frames=2, height=10, width=13, heads=2, layers=2, steps=2))
     q, k, v = wl.qkv(1, 1)
@@ -146,7 +146,7 @@ def test_sol_routing_reproduces_sol_attn_exact_branch():
     keep = exact[:, :, blocks][..., blocks]
     logits = (q @ k.transpose(-1, -2)) / math.sqrt(q.shape[-1])
     mine = torch.softmax(logits.masked_fill(~keep, float("-inf")), -1) @ v
-    sol = demo.sol_attn_function()
+    sol, _ = demo.sol_attn_function()
     theirs = sol(q.transpose(1, 2).contiguous(), k.transpose(1, 2).contiguous(), v.transpose(1, 2).contiguous(),
                  tau=1.0, tail=False).transpose(1, 2)
     assert float((mine - theirs).norm() / theirs.norm()) < 1e-4
@@ -162,7 +162,7 @@ def test_readme_shows_the_table_and_notes_as_printed():
     assert shown and shown[0].split("  ") and shown[0].split() == header.split()
     assert demo.TIMING_NOTE.format(threads=1) in readme
     missing = demo.MethodResult("sol-attn (tau 1)", demo.default_methods(1)[-1].note, available=False)
-    if demo.sol_attn_function() is None:
+    if demo.sol_attn_function()[0] is None:
         assert demo.format_table({"sol": missing}).splitlines()[-1] in readme
 
 

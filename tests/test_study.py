@@ -176,3 +176,12 @@ def test_the_methods_benchmark_compares_tilings(capsys):
     print_method_tilings(rows, lines.append)
     assert lines[2] == "wan1.3b-480p | adaspa | 128=64,32,4,3 | 3.00 | 4.00 | 0.75x | 2.0e-03"
     assert lines[3] == "wan1.3b-480p | moddit | 128=64,32,4,3 | OutOfResources: shared memory | - | - | -"
+
+
+def test_the_video_benchmark_says_why_sol_attn_rows_are_missing(monkeypatch):
+    """--sol-tau without a usable comfy-kitchen, or at head dim 64: no rows, and the reason."""
+    from comfyui_adacluster.adacluster_core.tools import video_bench
+
+    assert video_bench.sol_attention(64) == (None, "Sol-Attn runs at head dim 128 only (this shape: 64)")
+    monkeypatch.setattr(video_bench, "sol_attn_function", lambda: (None, "comfy-kitchen 0.2.31 has no sol_attn"))
+    assert video_bench.sol_attention(128) == (None, "comfy-kitchen 0.2.31 has no sol_attn")

@@ -62,13 +62,23 @@ def runner_config(recipe: Optional[str] = None, method: str = "adacluster", warm
     return from_dict(values)
 
 
-def sol_attn_function() -> Optional[Callable]:
-    """comfy-kitchen's Sol-Attn entry point, or None when the package is not installed."""
+def sol_attn_function() -> tuple:
+    """(comfy-kitchen's Sol-Attn entry point, None), or (None, why it is missing)."""
     try:
         import comfy_kitchen
-    except Exception:  # noqa: BLE001 - optional benchmark dependency
-        return None
-    return getattr(comfy_kitchen, "sol_attn", None)
+    except Exception as exc:  # noqa: BLE001 - optional comparison
+        return None, (f"comfy-kitchen does not import ({type(exc).__name__}): Sol-Attn (ComfyUI's core sparse node) "
+                      "needs comfy-kitchen 0.2.40 or later")
+    sol = getattr(comfy_kitchen, "sol_attn", None)
+    if sol is None:
+        try:
+            from importlib.metadata import version
+
+            installed = version("comfy-kitchen")
+        except Exception:  # noqa: BLE001 - only for the message
+            installed = "?"
+        return None, f"comfy-kitchen {installed} has no sol_attn (0.2.40 and later have it)"
+    return sol, None
 
 
 def adaspa_method(warmup_steps: int, steps: int, sparsity: float = 0.8) -> Callable:
@@ -113,7 +123,7 @@ def default_methods(warmup_steps: int, sol_tau: float = 1.0, head_dim: int = 128
                moddit_method(warmup_steps, video_tokens), note="fitted diagonal/vertical/frame patterns, Top-K n/4",
                short="moddit"),
     ]
-    if sol_attn_function() is None:
+    if sol_attn_function()[0] is None:
         sol_note = "comfy-kitchen is not installed: pip install comfy-kitchen"
     elif head_dim != 128:
         sol_note = f"Sol-Attn needs head dim 128, the workload has {head_dim}"
@@ -326,7 +336,7 @@ def run_methods(workload: VideoAttentionWorkload, methods: list[Method], warmup_
     video = slice(cfg.text_len, cfg.tokens) if text_first else slice(0, n_video)
     measured_steps = [s for s in range(cfg.steps) if s >= warmup_steps]
     sol_steps = set(measured_steps if sol_steps is None else sol_steps)
-    sol = sol_attn_function()
+    sol, _ = sol_attn_function()
     results = {m.name: MethodResult(m.name, m.note) for m in methods}
     runners = {}
     for m in methods:

@@ -157,7 +157,7 @@ def cluster_runs(workload: VideoAttentionWorkload, layer: int, warmup_steps: int
 def run_study(workload: VideoAttentionWorkload, warmup_steps: int, measured: list[int], samples: int,
               progress: bool = True) -> list[Point]:
     families = selection_families()
-    sol = sol_attn_function() if workload.config.head_dim == 128 else None
+    sol = sol_attn_function()[0] if workload.config.head_dim == 128 else None
     n = workload.video_tokens
     raw: dict[tuple[str, str], list] = {}
     total = workload.config.layers * len(measured) * 2

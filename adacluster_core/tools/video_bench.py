@@ -28,6 +28,7 @@ from typing import Optional
 import torch
 
 from ..config import PUBLISHED_SETTINGS
+from .demo import sol_attn_function
 from .kernel_bench import _graph, _plan, fastest_dense, kernel_by_tiling, rel_l2, time_ms, tiling_label
 from .workload import VideoAttentionWorkload, WorkloadConfig
 
@@ -66,12 +67,19 @@ def method_overrides() -> dict:
     }
 
 
-def _sol():
+def sol_attention(head_dim: int):
+    """(comfy-kitchen's sol_attn, None), or (None, why its rows cannot be measured here)."""
+    if head_dim != 128:
+        return None, f"Sol-Attn runs at head dim 128 only (this shape: {head_dim})"
+    sol, why_not = sol_attn_function()
+    if sol is None:
+        return None, why_not
+    import comfy_kitchen
     try:
-        import comfy_kitchen
-        return comfy_kitchen.sol_attn if comfy_kitchen.sol_attn_is_available(torch.device("cuda")) else None
-    except Exception:  # noqa: BLE001 - optional comparison
-        return None
+        available = comfy_kitchen.sol_attn_is_available(torch.device("cuda"))
+    except Exception as error:  # noqa: BLE001 - optional comparison
+        return None, f"comfy-kitchen's sol_attn check failed ({type(error).__name__}: {error})"
+    return (sol, None) if available else (None, "comfy-kitchen reports sol_attn unavailable on this GPU")
 
 
 def run_case(name, q, k, v, call_kwargs, step, overrides, dense_out, dense_ms, video, detail: bool,
@@ -164,9 +172,13 @@ def bench_video_shape(name: str, seed: int, methods=("default", "paper", "svg2")
     kinds = workload.layer_kinds
     n_video = workload.video_tokens
     video = slice(shape.text_len, workload.tokens) if shape.text_first else slice(0, n_video)
-    sol = _sol() if sol_taus and shape.head_dim == 128 else None
     result = {"shape": name, "tokens": workload.tokens, "video_tokens": n_video, "heads": shape.heads,
               "head_dim": shape.head_dim, "preset": shape.preset, "cases": []}
+    sol = None
+    if sol_taus:
+        sol, result["sol_skipped"] = sol_attention(shape.head_dim)
+        if sol is None:
+            log(f"{name}: no Sol-Attn rows: {result['sol_skipped']}")
     for step in steps:
         for layer, kind in enumerate(kinds):
             q, k, v = workload.qkv(layer, step, dtype=torch.bfloat16)
@@ -251,6 +263,9 @@ def print_video_table(results: list, device_name: str, print_fn=print, steps=CAS
                                  fmt(s.get("plan_ms")), fmt(s.get("plan_graph_ms")),
                                  fmt(s.get("kernel_stream_ms")), fmt(s.get("kernel_hybrid_ms")),
                                  fmt(s.get("graph_ms"))]))
+    for result in results:
+        if result.get("sol_skipped"):
+            print_fn(f"{result['shape']}: no Sol-Attn rows: {result['sol_skipped']}")
     compared = [(result["shape"], s) for result in results for s in result["summary"].values()
                 if "kernel_by_tiling" in s]
     if compared:
