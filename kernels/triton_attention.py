@@ -336,6 +336,9 @@ def _config(d: int, mean_query_segment: float, mean_key_segment: float, clustere
         # Measured on an H100 (wan14b-720p, 10% kept): 128-row key chunks are ~3% faster on ~100 key clusters
         # per head (~750 tokens each); 64-row chunks are 12% faster on ~750 small clusters (~100 tokens each),
         # because more of every key range then goes by whole chunks instead of the gathered remainder stream.
+        # Re-measured with the default's layouts (video workload, step 25): 128-row chunks 4% faster at
+        # HunyuanVideo 720p (~590 tokens per key cluster) despite their register spill, 11% slower at Wan 14B
+        # 720p (~380).
         return (128, 128, 8, 3) if mean_key_segment >= 512 else (128, 64, 8, 3)
     return 64, 32, 4, 2
 
