@@ -176,3 +176,15 @@ def test_paper_rows_run_adacluster_as_published():
     for config in (paper, bench):
         assert (config.recipe, config.dense_layers_by, config.query_clusters, config.initial_key_clusters) == (
             "paper", "clusters", 65, 100)
+
+
+def test_sol_attn_lookup_says_what_to_install(monkeypatch):
+    """Missing, or too old to have sol_attn: the reason names the release to install."""
+    import sys
+    import types
+
+    monkeypatch.setitem(sys.modules, "comfy_kitchen", None)  # import fails as if not installed
+    assert demo.sol_attn_function() == (None, 'comfy-kitchen is not installed: pip install "comfy-kitchen>=0.2.40"')
+    monkeypatch.setitem(sys.modules, "comfy_kitchen", types.ModuleType("comfy_kitchen"))  # a release without it
+    sol, why_not = demo.sol_attn_function()
+    assert sol is None and why_not.endswith('has no sol_attn: pip install "comfy-kitchen>=0.2.40"')

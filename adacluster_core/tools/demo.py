@@ -62,13 +62,17 @@ def runner_config(recipe: Optional[str] = None, method: str = "adacluster", warm
     return from_dict(values)
 
 
+SOL_REQUIREMENT = '"comfy-kitchen>=0.2.40"'  # the first release with sol_attn (ComfyUI's core sparse node)
+
+
 def sol_attn_function() -> tuple:
     """(comfy-kitchen's Sol-Attn entry point, None), or (None, why it is missing)."""
     try:
         import comfy_kitchen
+    except ModuleNotFoundError:
+        return None, f"comfy-kitchen is not installed: pip install {SOL_REQUIREMENT}"
     except Exception as exc:  # noqa: BLE001 - optional comparison
-        return None, (f"comfy-kitchen does not import ({type(exc).__name__}): Sol-Attn (ComfyUI's core sparse node) "
-                      "needs comfy-kitchen 0.2.40 or later")
+        return None, f"comfy-kitchen does not import ({type(exc).__name__}: {str(exc).splitlines()[0][:120]})"
     sol = getattr(comfy_kitchen, "sol_attn", None)
     if sol is None:
         try:
@@ -77,7 +81,7 @@ def sol_attn_function() -> tuple:
             installed = version("comfy-kitchen")
         except Exception:  # noqa: BLE001 - only for the message
             installed = "?"
-        return None, f"comfy-kitchen {installed} has no sol_attn (0.2.40 and later have it)"
+        return None, f"comfy-kitchen {installed} has no sol_attn: pip install {SOL_REQUIREMENT}"
     return sol, None
 
 
@@ -123,8 +127,9 @@ def default_methods(warmup_steps: int, sol_tau: float = 1.0, head_dim: int = 128
                moddit_method(warmup_steps, video_tokens), note="fitted diagonal/vertical/frame patterns, Top-K n/4",
                short="moddit"),
     ]
-    if sol_attn_function()[0] is None:
-        sol_note = "comfy-kitchen is not installed: pip install comfy-kitchen"
+    sol, why_not = sol_attn_function()
+    if sol is None:
+        sol_note = why_not
     elif head_dim != 128:
         sol_note = f"Sol-Attn needs head dim 128, the workload has {head_dim}"
     elif text_len:
