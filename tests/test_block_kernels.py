@@ -62,13 +62,13 @@ def test_bad_block_size_is_rejected_naming_it():
 
 
 @pytest.mark.parametrize("script", ["interpret_block_kernels.py", "interpret_tables.py", "interpret_select.py",
-                                    "interpret_cluster.py", "interpret_layout.py"])
+                                    "interpret_cluster.py", "interpret_layout.py", "interpret_runner.py"])
 def test_triton_kernels_in_the_interpreter(script):
     """The Triton kernels on the CPU through TRITON_INTERPRET=1 (a separate process: the interpreter is chosen
     when the kernels are defined): the block kernels against brute force, the layout kernel's table kernels
     against their PyTorch oracle (tests/table_oracle.py), the selection and k-means assignment kernels against
-    the PyTorch reference, and the layout kernel (with the pooled tail's segment statistics) against the PyTorch
-    executor."""
+    the PyTorch reference, the layout kernel (with the pooled tail's segment statistics) against the PyTorch
+    executor, and whole sparse calls through the runner on every GPU-path kernel against the reference path."""
     pytest.importorskip("triton")
     script = Path(__file__).with_name(script)
     env = {**os.environ, "TRITON_INTERPRET": "1"}
