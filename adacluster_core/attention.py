@@ -9,6 +9,7 @@ Everything is per (batch element, head); batch elements are separate branches (c
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Callable, Optional
@@ -248,10 +249,9 @@ class SparseAttention:
 
 def _batch_slice(layout: Layout, b: int) -> Layout:
     """The layout of batch element b alone (for observers)."""
-    pick = lambda t: None if t is None else t[b:b + 1]
-    return Layout(q_offsets=pick(layout.q_offsets), k_offsets=pick(layout.k_offsets), selected=pick(layout.selected),
-                  q_perm=pick(layout.q_perm), k_perm=pick(layout.k_perm), local_block=layout.local_block,
-                  tail=layout.tail, q_labels=pick(layout.q_labels), k_labels=pick(layout.k_labels))
+    return dataclasses.replace(layout, **{field.name: getattr(layout, field.name)[b:b + 1]
+                                          for field in dataclasses.fields(layout)
+                                          if isinstance(getattr(layout, field.name), torch.Tensor)})
 
 
 def _mask_block(mask: torch.Tensor, rows: slice, cols: slice) -> torch.Tensor:

@@ -104,17 +104,19 @@ def cluster_keys_fixed(k: torch.Tensor, init: torch.Tensor, counts: torch.Tensor
 
 
 def warm_step(x: torch.Tensor, init: torch.Tensor, iters: int, spherical: bool,
-              counts: Optional[torch.Tensor] = None, minmax: bool = False) -> Clusters:
+              counts: Optional[torch.Tensor] = None, minmax: bool = False, spread: bool = False,
+              row_squares: bool = False) -> Clusters:
     """Warm-started k-means for a sparse step: ``iters`` Lloyd rounds (assign, update) from ``init``.
 
     The labels are the last round's assignment and the centroids the member means of exactly those labels
     (no extra assignment pass), so the statistics selection uses (segments, means, max/min) come from the
     same pass as the update. Spherical: x is the raw queries (normalised inside). ``iters`` = 0 assigns to
-    ``init`` and keeps it. ``counts`` (B, H): usable centroid slots per head (all when None)."""
+    ``init`` and keeps it. ``counts`` (B, H): usable centroid slots per head (all when None). ``minmax``,
+    ``spread``, ``row_squares``: the optional statistics of kernels.kmeans_step."""
     if iters > 1:
         start = kernels.normalize_rows(x) if spherical else x
         init = kernels.kmeans(start, init, iters - 1, spherical, counts)[0]
-    step = kernels.kmeans_step(x, init, spherical, counts, minmax)
+    step = kernels.kmeans_step(x, init, spherical, counts, minmax, spread, row_squares)
     centroids = step.centroids if iters > 0 else init.float()
     if counts is None:
         counts = torch.full(x.shape[:2], init.shape[-2], dtype=torch.int64, device=x.device)

@@ -39,6 +39,12 @@ class Layout:
     # None: derived from perm and offsets where needed (the local block)
     q_labels: Optional[torch.Tensor] = None
     k_labels: Optional[torch.Tensor] = None
+    # the pooled tail's inputs, where the builder's clustering computed them on these segments and tokens:
+    # (B, H, Sk, d) fp32 mean key and (B, H, Sk) fp32 spread of every key segment, (B, H, N) fp32 |q|^2 of
+    # every query; None: the executor computes them
+    tail_key_means: Optional[torch.Tensor] = None
+    tail_key_spread: Optional[torch.Tensor] = None
+    query_squares: Optional[torch.Tensor] = None
 
     @property
     def num_query_segments(self) -> int:
@@ -65,6 +71,12 @@ class Layout:
                 expect[name] = (getattr(self, name), (batch, heads, tokens))
         if self.tail_spread_weight is not None:
             expect["tail_spread_weight"] = (self.tail_spread_weight, (batch, heads))
+        if self.tail_key_means is not None:
+            expect["tail_key_means"] = (self.tail_key_means, (batch, heads, sk, self.tail_key_means.shape[-1]))
+        if self.tail_key_spread is not None:
+            expect["tail_key_spread"] = (self.tail_key_spread, (batch, heads, sk))
+        if self.query_squares is not None:
+            expect["query_squares"] = (self.query_squares, (batch, heads, tokens))
         for name, (tensor, shape) in expect.items():
             if tuple(tensor.shape) != shape:
                 raise ValueError(f"Layout.{name} has shape {tuple(tensor.shape)}, expected {shape}")

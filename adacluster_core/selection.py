@@ -146,8 +146,14 @@ def _fused_plan(qc: Clusters, kc: Clusters, config: SelectionConfig, scale: floa
 def _layout(qc: Clusters, kc: Clusters, selected: torch.Tensor, config: SelectionConfig) -> Layout:
     q_perm, q_offsets = _segments(qc)
     k_perm, k_offsets = _segments(kc)
-    return Layout(q_offsets=q_offsets, k_offsets=k_offsets, selected=selected, q_perm=q_perm, k_perm=k_perm,
-                  local_block=config.local_block, tail=config.tail, q_labels=qc.labels, k_labels=kc.labels)
+    layout = Layout(q_offsets=q_offsets, k_offsets=k_offsets, selected=selected, q_perm=q_perm, k_perm=k_perm,
+                    local_block=config.local_block, tail=config.tail, q_labels=qc.labels, k_labels=kc.labels)
+    if config.tail and kc.step is not None and kc.step.spread is not None:
+        # the clustering's statistics pass already walked these segments: the executor need not again
+        layout.tail_key_means, layout.tail_key_spread = kc.step.mean, kc.step.spread
+    if config.tail and qc.step is not None:
+        layout.query_squares = qc.step.row_squares
+    return layout
 
 
 def _segments(c: Clusters):

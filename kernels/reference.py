@@ -106,17 +106,20 @@ class ClusterStep:
     mean_norm: torch.Tensor  # (..., C) fp32: mean row length of the members, 0 for empty clusters
     high: Optional[torch.Tensor] = None  # (..., C, d) fp32 element-wise max (-inf empty), with minmax
     low: Optional[torch.Tensor] = None  # (..., C, d) fp32 element-wise min (+inf empty), with minmax
+    spread: Optional[torch.Tensor] = None  # (..., C) fp32 segment_spread of the members (0 empty), with spread
+    row_squares: Optional[torch.Tensor] = None  # (..., N) fp32 |x_i|^2 of every row in original order, with row_squares
 
 
 def kmeans_step(x: torch.Tensor, init: torch.Tensor, spherical: bool, num_clusters: Optional[torch.Tensor] = None,
-                minmax: bool = False) -> ClusterStep:
+                minmax: bool = False, spread: bool = False, row_squares: bool = False) -> ClusterStep:
     """One warm-started Lloyd step: assign every row of x to its nearest centroid of ``init``, then move
     each centroid to the mean of its members (of the unit rows, normalised, if spherical). The labels are
     those of the assignment, so the returned centroids are exactly the member means of the returned labels.
 
     Spherical rows need not be unit: the nearest centroid by cosine does not depend on a row's length.
     Also returns, from the same labels, the segments (stable sort), raw member means, mean row lengths and
-    optionally the element-wise max/min of every cluster (TensorQuest inputs)."""
+    optionally the element-wise max/min of every cluster (``minmax``: TensorQuest inputs), their spreads and
+    every row's squared length (``spread``, ``row_squares``: the pooled tail's inputs)."""
     xf = x.float()
     unit = normalize_rows(xf) if spherical else xf
     n_clusters = init.shape[-2]
@@ -128,7 +131,9 @@ def kmeans_step(x: torch.Tensor, init: torch.Tensor, spherical: bool, num_cluste
     high = low = None
     if minmax:
         high, low = cluster_minmax(xf, labels, n_clusters)
-    return ClusterStep(centroids, labels, sizes, perm, offsets, mean, mean_norm, high, low)
+    return ClusterStep(centroids, labels, sizes, perm, offsets, mean, mean_norm, high, low,
+                       segment_spread(xf, labels, n_clusters, means=mean) if spread else None,
+                       xf.square().sum(-1) if row_squares else None)
 
 
 def label_counts(labels: torch.Tensor, n_bins: int) -> torch.Tensor:

@@ -348,10 +348,13 @@ def _unit_stride_rows(x: torch.Tensor) -> torch.Tensor:
 
 
 def run_layout(q, k, v, q_off, k_off, selected, q_perm, k_perm, local_block: int, tail: bool,
-               text_k, text_v, text_bias, scale: float, q_labels=None, k_labels=None, tail_spread_weight=None):
+               text_k, text_v, text_bias, scale: float, q_labels=None, k_labels=None, tail_spread_weight=None,
+               tail_key_means=None, tail_key_spread=None, query_squares=None):
     """Executes a layout; returns (out (B, H, N, d) in q's dtype, lse (B, H, N) fp32). ``q_labels`` /
     ``k_labels`` (B, H, N): the segment of every token, where the caller has them (else derived).
-    ``tail_spread_weight`` (B, H): the weight of the pooled tail's spread term per head (None: 1)."""
+    ``tail_spread_weight`` (B, H): the weight of the pooled tail's spread term per head (None: 1).
+    ``tail_key_means`` (B, H, Sk, d), ``tail_key_spread`` (B, H, Sk), ``query_squares`` (B, H, N): the pooled
+    tail's inputs where the caller has them (Layout), else computed here."""
     batch, heads, n, d = q.shape
     groups = batch * heads
     q, k, v = _unit_stride_rows(q), _unit_stride_rows(k), _unit_stride_rows(v)
@@ -399,8 +402,14 @@ def run_layout(q, k, v, q_off, k_off, selected, q_perm, k_perm, local_block: int
 
     k_mean = v_mean = q_square = tail_bias = tail_spread = None
     if tail:
-        q_square = torch.linalg.vector_norm(q, dim=-1, dtype=torch.float32).square_().reshape(groups, n)
-        k_mean, _, _, k_spread = segment_reduce(k, k_perm, k_off, mean=True, mean_dtype=q.dtype, spread=True)
+        if query_squares is None:
+            query_squares = torch.linalg.vector_norm(q, dim=-1, dtype=torch.float32).square_()
+        q_square = query_squares.reshape(groups, n).contiguous()
+        if tail_key_means is None or tail_key_spread is None:
+            k_mean, _, _, k_spread = segment_reduce(k, k_perm, k_off, mean=True, mean_dtype=q.dtype, spread=True)
+        else:
+            k_mean = tail_key_means.reshape(groups, sk, d).to(q.dtype).contiguous()
+            k_spread = tail_key_spread.reshape(groups, sk).float()
         v_mean, _, _, _ = segment_reduce(v, k_perm, k_off, mean=True, mean_dtype=q.dtype)
         tail_bias = torch.log((k_off2[:, 1:] - k_off2[:, :-1]).float()).contiguous()
         tail_spread = (0.5 * scale * scale) * k_spread  # natural-log weight per unit of |q|^2

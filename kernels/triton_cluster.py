@@ -149,11 +149,14 @@ def _segment_reduce_kernel(x_ptr, perm_ptr, off_ptr, prev_ptr, mean_ptr, high_pt
 
 @triton.jit
 def _step_stats_kernel(x_ptr, perm_ptr, off_ptr, init_ptr, cent_ptr, mean_ptr, norm_ptr, high_ptr, low_ptr,
-                       N, S, stride_xg, stride_xn, eps,
-                       D: tl.constexpr, SPHERICAL: tl.constexpr, MINMAX: tl.constexpr, BLOCK_R: tl.constexpr):
+                       spread_ptr, square_ptr, N, S, stride_xg, stride_xn, eps,
+                       D: tl.constexpr, SPHERICAL: tl.constexpr, MINMAX: tl.constexpr, SPREAD: tl.constexpr,
+                       ROW_SQUARES: tl.constexpr, BLOCK_R: tl.constexpr):
     """One program per (cluster, group), walking the cluster's rows in sorted order once: the new centroid
     (mean of the unit rows, normalised, if spherical; else the mean; empty -> init), the raw mean, the mean
-    row length and optionally the element-wise max/min."""
+    row length and optionally the element-wise max/min, the spread (segment_reduce's) and every member row's
+    squared length (stored at the row's original position). Each option is a flag: the accumulators already
+    fill the registers at head dim 128, and every one more spills."""
     s = tl.program_id(0)
     g = tl.program_id(1).to(tl.int64)
     start = tl.load(off_ptr + g * (S + 1) + s).to(tl.int32)
@@ -163,6 +166,7 @@ def _step_stats_kernel(x_ptr, perm_ptr, off_ptr, init_ptr, cent_ptr, mean_ptr, n
     raw = tl.zeros([BLOCK_R, D], tl.float32)
     unit = tl.zeros([BLOCK_R, D], tl.float32)
     norm_sum = tl.zeros([BLOCK_R], tl.float32)
+    square_sum = tl.zeros([BLOCK_R], tl.float32)
     high = tl.full([BLOCK_R, D], float("-inf"), tl.float32)
     low = tl.full([BLOCK_R, D], float("inf"), tl.float32)
     base = x_ptr + g * stride_xg
@@ -172,9 +176,14 @@ def _step_stats_kernel(x_ptr, perm_ptr, off_ptr, init_ptr, cent_ptr, mean_ptr, n
         row = row_next
         row_next = _segment_rows(perm_ptr + g * N, r0 + BLOCK_R, end, BLOCK_R, True)
         x = tl.load(base + row[:, None] * stride_xn + dims[None, :], mask=ok[:, None], other=0.0).to(tl.float32)
-        norm = tl.sqrt(tl.sum(x * x, 1))
+        square = tl.sum(x * x, 1)
+        if ROW_SQUARES:
+            tl.store(square_ptr + g * N + row, square, mask=ok)
+        norm = tl.sqrt(square)
         raw += x
         norm_sum += norm
+        if SPREAD:
+            square_sum += square
         if SPHERICAL:
             unit += x / tl.maximum(norm, eps)[:, None]
         if MINMAX:
@@ -197,6 +206,8 @@ def _step_stats_kernel(x_ptr, perm_ptr, off_ptr, init_ptr, cent_ptr, mean_ptr, n
     tl.store(cent_ptr + out, centroid)
     tl.store(mean_ptr + out, mean)
     tl.store(norm_ptr + g * S + s, tl.sum(norm_sum, 0) * inv)
+    if SPREAD:
+        tl.store(spread_ptr + g * S + s, tl.maximum(tl.sum(square_sum, 0) * inv - tl.sum(mean * mean, 0), 0.0) / D)
     if MINMAX:
         tl.store(high_ptr + out, high)
         tl.store(low_ptr + out, low)
@@ -407,7 +418,7 @@ def segment_means(x: torch.Tensor, labels: torch.Tensor, n_segments: int):
 
 
 def kmeans_step(x: torch.Tensor, init: torch.Tensor, spherical: bool, num_clusters: Optional[torch.Tensor] = None,
-                minmax: bool = False) -> ClusterStep:
+                minmax: bool = False, spread: bool = False, row_squares: bool = False) -> ClusterStep:
     """One assignment pass over raw x, one sort of the labels, one statistics pass in sorted order."""
     lead, n, d = x.shape[:-2], x.shape[-2], x.shape[-1]
     check_head_dim(d)
@@ -425,14 +436,19 @@ def kmeans_step(x: torch.Tensor, init: torch.Tensor, spherical: bool, num_cluste
     centroids = torch.empty_like(c)
     mean = torch.empty_like(c)
     mean_norm = torch.empty(groups, n_clusters, device=x.device, dtype=torch.float32)
+    spreads = torch.empty_like(mean_norm) if spread else None
+    squares = torch.empty(groups, n, device=x.device, dtype=torch.float32) if row_squares else None
     high = torch.empty_like(c) if minmax else None
     low = torch.empty_like(c) if minmax else None
     _step_stats_kernel[(n_clusters, groups)](
         x3, perm, offsets, c, centroids, mean, mean_norm, high if minmax else mean, low if minmax else mean,
-        n, n_clusters, x3.stride(0), x3.stride(1), 1e-6,
-        D=d, SPHERICAL=spherical, MINMAX=minmax, BLOCK_R=64 if d <= 128 else 32, num_warps=8 if d >= 128 else 4)
+        spreads if spread else mean, squares if row_squares else mean, n, n_clusters, x3.stride(0), x3.stride(1),
+        1e-6, D=d, SPHERICAL=spherical, MINMAX=minmax, SPREAD=spread, ROW_SQUARES=row_squares,
+        BLOCK_R=64 if d <= 128 else 32, num_warps=8 if d >= 128 else 4)
     shape = (*lead, n_clusters, d)
     return ClusterStep(centroids.reshape(shape), labels.long().reshape(*lead, n), sizes.long().reshape(*lead, n_clusters),
                        perm.reshape(*lead, n), offsets.reshape(*lead, n_clusters + 1), mean.reshape(shape),
                        mean_norm.reshape(*lead, n_clusters), high.reshape(shape) if minmax else None,
-                       low.reshape(shape) if minmax else None)
+                       low.reshape(shape) if minmax else None,
+                       spreads.reshape(*lead, n_clusters) if spread else None,
+                       squares.reshape(*lead, n) if row_squares else None)

@@ -34,14 +34,17 @@ def _execute_layout_impl(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_of
                          k_perm: Optional[torch.Tensor], local_block: int, tail: bool,
                          text_k: Optional[torch.Tensor], text_v: Optional[torch.Tensor],
                          text_bias: Optional[torch.Tensor], scale: float, q_labels: Optional[torch.Tensor],
-                         k_labels: Optional[torch.Tensor],
-                         tail_spread_weight: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+                         k_labels: Optional[torch.Tensor], tail_spread_weight: Optional[torch.Tensor],
+                         tail_key_means: Optional[torch.Tensor], tail_key_spread: Optional[torch.Tensor],
+                         query_squares: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     return run_layout(q, k, v, q_offsets, k_offsets, selected, q_perm, k_perm, local_block, tail,
-                      text_k, text_v, text_bias, scale, q_labels, k_labels, tail_spread_weight)
+                      text_k, text_v, text_bias, scale, q_labels, k_labels, tail_spread_weight, tail_key_means,
+                      tail_key_spread, query_squares)
 
 
 def _execute_layout_fake(q, k, v, q_offsets, k_offsets, selected, q_perm, k_perm, local_block, tail,
-                         text_k, text_v, text_bias, scale, q_labels, k_labels, tail_spread_weight):
+                         text_k, text_v, text_bias, scale, q_labels, k_labels, tail_spread_weight, tail_key_means,
+                         tail_key_spread, query_squares):
     return torch.empty_like(q, memory_format=torch.contiguous_format), q.new_empty(q.shape[:-1], dtype=torch.float32)
 
 
@@ -77,5 +80,6 @@ def execute_layout(q, k, v, layout, text_k=None, text_v=None, text_bias=None, sc
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     out, lse = _layout_op(q, k, v, layout.q_offsets, layout.k_offsets, layout.selected, layout.q_perm,
                           layout.k_perm, int(layout.local_block), bool(layout.tail), text_k, text_v, text_bias,
-                          scale, layout.q_labels, layout.k_labels, layout.tail_spread_weight)
+                          scale, layout.q_labels, layout.k_labels, layout.tail_spread_weight,
+                          layout.tail_key_means, layout.tail_key_spread, layout.query_squares)
     return (out, lse) if return_lse else out

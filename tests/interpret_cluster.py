@@ -1,6 +1,7 @@
 """Runs the k-means assignment kernel (kernels/triton_cluster.py) in the Triton interpreter on the CPU against
 the PyTorch reference (run by test_block_kernels.py with TRITON_INTERPRET=1): several centroid tiles, odd
-sizes, per-group cluster counts, both geometries, and rows that tie between two centroids."""
+sizes, per-group cluster counts, both geometries, and rows that tie between two centroids; and the statistics
+pass of a k-means step against the reference on its own labels."""
 import sys
 from pathlib import Path
 
@@ -42,10 +43,28 @@ def check(spherical: bool, groups: int, n: int, n_clusters: int, d: int, seed: i
     assert torch.equal(sizes.long(), torch.nn.functional.one_hot(want_labels, n_clusters).sum(-2))
 
 
+def check_step_statistics(spherical: bool, n: int, n_clusters: int, d: int, seed: int):
+    """kmeans_step's statistics pass, as functions of its own labels: means, spreads (empty clusters too) and
+    every row's squared length at its original position (the pooled tail's inputs)."""
+    gen = torch.Generator().manual_seed(seed)
+    x = 2 * torch.randn(1, 2, n, d, generator=gen) + 0.5
+    init = x[:, :, torch.randperm(n, generator=gen)[:n_clusters]].clone()
+    if spherical:
+        init = reference.normalize_rows(init)
+    step = triton_cluster.kmeans_step(x, init, spherical, torch.tensor([[n_clusters - 2] * 2]),  # last 2 empty
+                                      spread=True, row_squares=True)
+    torch.testing.assert_close(step.mean, reference.segment_means(x, step.labels, n_clusters)[0], atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(step.spread, reference.segment_spread(x, step.labels, n_clusters), atol=1e-4, rtol=1e-4)
+    assert bool((step.spread[..., -2:] == 0).all())
+    torch.testing.assert_close(step.row_squares, x.square().sum(-1), atol=1e-4, rtol=1e-5)
+
+
 if __name__ == "__main__":
     if not interpreter_works():
         sys.exit(INTERPRETER_BROKEN)
     for seed, (spherical, n, n_clusters, d) in enumerate([(True, 77, 70, 128), (False, 130, 45, 64),
                                                          (True, 5, 3, 64), (False, 61, 97, 128)]):
         check(spherical, 3, n, n_clusters, d, seed)
+    check_step_statistics(True, 93, 9, 64, 5)
+    check_step_statistics(False, 141, 13, 128, 6)
     print("ok")

@@ -11,7 +11,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from interpret_block_kernels import INTERPRETER_BROKEN, interpreter_works  # noqa: E402
 from test_reference_kernels import random_layout  # noqa: E402
-from comfyui_adacluster.kernels import reference, triton_attention  # noqa: E402
+from comfyui_adacluster.kernels import reference, triton_attention, triton_ops  # noqa: E402
 from comfyui_adacluster.kernels.triton_cluster import segment_reduce  # noqa: E402
 
 # (tokens, head dim, query segments, key segments, local block, pooled tail, per-head tail weights, text tokens,
@@ -43,6 +43,19 @@ def check_layout_kernel():
                                              text_k, text_v, text_bias, 1 / math.sqrt(d),
                                              tail_spread_weight=layout.tail_spread_weight)
         torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+        if tail:  # the tail's inputs handed in through the layout, as the clustering's statistics pass gives them,
+            # and through the registered custom op (what execute_layout calls on the GPU)
+            k_labels = reference.segment_labels(layout.k_perm, layout.k_offsets, n)
+            layout.tail_key_means = reference.segment_means(k, k_labels, sk)[0]
+            layout.tail_key_spread = reference.segment_spread(k, k_labels, sk)
+            layout.query_squares = q.square().sum(-1)
+            layout.validate(2, 2, n)
+            got, _ = triton_ops._layout_op(
+                q, k, v, layout.q_offsets, layout.k_offsets, layout.selected, layout.q_perm, layout.k_perm,
+                layout.local_block, layout.tail, text_k, text_v, text_bias, 1 / math.sqrt(d), layout.q_labels,
+                layout.k_labels, layout.tail_spread_weight, layout.tail_key_means, layout.tail_key_spread,
+                layout.query_squares)
+            torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
 
 
 def check_segment_spread():

@@ -103,6 +103,25 @@ def test_own_clusters_and_kept_fraction_with_local_blocks():
     torch.testing.assert_close(planned_kept, kept)
 
 
+def test_the_planned_layout_carries_the_pooled_tails_inputs():
+    """A sparse step's layout takes the tail's inputs from the clustering's statistics pass: the key segments'
+    means and spreads and every query's |q|^2, as the executor would compute them; without the tail, none."""
+    q, k, _ = structured_qkv(batch=1, heads=2, n=301, d=16, seed=9)
+    gen = torch.Generator().manual_seed(3)
+    q_init = R.normalize_rows(torch.randn(1, 2, 7, 16, generator=gen))
+    k_init = k[..., torch.randperm(301, generator=gen)[:11], :].float()
+    qc = clustering.warm_step(q, q_init, 1, True, row_squares=True)
+    kc = clustering.warm_step(k, k_init, 1, False, spread=True)
+    layout, _ = selection.plan_layout(q, k, qc, kc, SELECTION_RECIPES["hybrid"])
+    layout.validate(1, 2, 301)
+    k_labels = R.segment_labels(layout.k_perm, layout.k_offsets, 301)
+    torch.testing.assert_close(layout.tail_key_means, R.segment_means(k.float(), k_labels, 11)[0])
+    torch.testing.assert_close(layout.tail_key_spread, R.segment_spread(k, k_labels, 11))
+    torch.testing.assert_close(layout.query_squares, q.float().square().sum(-1))
+    untailed, _ = selection.plan_layout(q, k, qc, kc, SELECTION_RECIPES["svg2"])
+    assert untailed.tail_key_means is None and untailed.tail_key_spread is None and untailed.query_squares is None
+
+
 def test_calibration_in_head_chunks_matches_one_pass(monkeypatch):
     """Calibration takes the heads a few at a time (bounded fp32 copies); with one generator per head the
     clusters are exactly those of one pass over every head, odd head counts included."""

@@ -390,7 +390,7 @@ def test_kmeans_step_statistics_follow_its_labels(spherical, dtype):
     if spherical:
         init = reference.normalize_rows(init)
     x, init, counts = x.to(DEVICE, dtype), init.to(DEVICE), counts.to(DEVICE)
-    step = triton_ops.kmeans_step(x, init, spherical, counts, minmax=True)
+    step = triton_ops.kmeans_step(x, init, spherical, counts, minmax=True, spread=True, row_squares=True)
     want = reference.kmeans_step(x, init, spherical, counts, minmax=True)
     agree = (step.labels == want.labels).float().mean().item()
     assert agree > (0.999 if dtype == torch.float32 else 0.95), f"label agreement {agree:.4f}"
@@ -408,3 +408,26 @@ def test_kmeans_step_statistics_follow_its_labels(spherical, dtype):
     torch.testing.assert_close(step.mean_norm, norms / sizes.clamp_min(1), atol=1e-4, rtol=1e-4)
     high, low = reference.cluster_minmax(xf, step.labels, 61)
     assert torch.equal(step.high, high) and torch.equal(step.low, low)
+    # the pooled tail's inputs (empty clusters: spread 0)
+    spread = reference.segment_spread(xf, step.labels, 61)
+    torch.testing.assert_close(step.spread, spread, atol=1e-3, rtol=1e-4)
+    assert bool((step.spread[sizes == 0] == 0).all())
+    torch.testing.assert_close(step.row_squares, xf.square().sum(-1), atol=1e-3, rtol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", HALF_DTYPES)
+@pytest.mark.parametrize("head_dim", [64, 128])
+def test_the_tail_takes_its_inputs_from_the_layout(dtype, head_dim):
+    """A layout that carries the pooled tail's inputs (the clustering's statistics) runs as one without them."""
+    gen = torch.Generator().manual_seed(head_dim + 5)
+    batch, heads, tokens, sk = 2, 3, 1237, 57
+    layout = random_layout(batch, heads, tokens, sq=13, sk=sk, density=0.2, generator=gen, local_block=64, tail=True)
+    q, k, v = qkv(batch, heads, tokens, head_dim, dtype, gen, spread=2.0)
+    want = triton_ops.execute_layout(q, k, v, layout)
+    k_labels = reference.segment_labels(layout.k_perm, layout.k_offsets, tokens)
+    layout.tail_key_means = reference.segment_means(k.float(), k_labels, sk)[0]
+    layout.tail_key_spread = reference.segment_spread(k.float(), k_labels, sk)
+    layout.query_squares = q.float().square().sum(-1)
+    layout.validate(batch, heads, tokens)
+    assert_close_attention(triton_ops.execute_layout(q, k, v, layout), want, dtype)
+    assert_close_attention(reference.execute_layout(q, k, v, layout), want, dtype)

@@ -77,17 +77,19 @@ def test_warm_started_steps_use_cached_centroids_per_branch(monkeypatch):
     seen = []
     real_step = kernels.kmeans_step
 
-    def spy(x, init, spherical, num_clusters=None, minmax=False):
-        seen.append((init.clone(), spherical))
-        return real_step(x, init, spherical, num_clusters, minmax)
+    def spy(x, init, spherical, num_clusters=None, minmax=False, spread=False, row_squares=False):
+        seen.append((init.clone(), spherical, spread, row_squares))
+        return real_step(x, init, spherical, num_clusters, minmax, spread, row_squares)
 
     monkeypatch.setattr(kernels, "kmeans_step", spy)  # one Lloyd round: assign to init, then update
     monkeypatch.setattr(kernels, "kmeans", lambda *a, **k: pytest.fail("one iteration needs no extra k-means rounds"))
     monkeypatch.setattr(clustering, "calibrate_keys", lambda *a, **k: pytest.fail("sparse steps must not recalibrate"))
     runner(q, k, v, CallInfo(0, 1, 4, ("uncond", "cond")), dense=lambda: dense_reference(q, k, v))
     assert len(seen) == 2  # queries, then keys, each for both branches at once
-    for (init, spherical), which in zip(seen, (0, 1)):
+    for (init, spherical, spread, row_squares), which in zip(seen, (0, 1)):
         assert spherical == (which == 0)
+        # the pooled tail's inputs from the same pass: |q|^2 of the queries, the key clusters' spreads
+        assert (row_squares, spread) == ((True, False) if which == 0 else (False, True))
         for b, name in enumerate(("uncond", "cond")):  # batch slot b starts from its own branch's centroids
             cached_centroids = cached[name][which]
             torch.testing.assert_close(init[b, :, :cached_centroids.shape[-2]].float(), cached_centroids.float())

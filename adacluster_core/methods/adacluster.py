@@ -223,8 +223,12 @@ class AdaCluster(SparseMethod):
             k_init[b, :, :k_slots[b]] = s.k_centroids
         k_counts = torch.stack([s.k_counts for s in states])
         minmax = cfg.selection.score in ("quest", "blend")
-        qc = clustering.warm_step(q, q_init, cfg.step_iters, self.spherical_queries)
-        kc = clustering.warm_step(k, k_init, cfg.step_iters, False, k_counts, minmax=minmax)
+        # the pooled tail's inputs come from the statistics pass (selection._layout); the key spread not beside
+        # max/min, where the pass would spill registers at head dim 128 (the executor then computes it)
+        tail = cfg.selection.tail
+        qc = clustering.warm_step(q, q_init, cfg.step_iters, self.spherical_queries, row_squares=tail)
+        kc = clustering.warm_step(k, k_init, cfg.step_iters, False, k_counts, minmax=minmax,
+                                  spread=tail and not minmax)
         for b, s in enumerate(states):
             s.q_centroids = qc.centroids[b].to(q.dtype)
             s.k_centroids = kc.centroids[b, :, :k_slots[b]].to(k.dtype)
