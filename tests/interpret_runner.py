@@ -1,6 +1,7 @@
 """Whole sparse calls of the default recipe through the runner with every kernel of the GPU path (clustering,
-fused selection, tables, layout kernel through the registered custom op) in the Triton interpreter on the CPU,
-against the same calls on the PyTorch reference path (run by test_block_kernels.py with TRITON_INTERPRET=1)."""
+fused selection, tables, layout kernel with the pooled tail's inputs from the statistics pass, through the
+registered custom op) in the Triton interpreter on the CPU, against the same calls on the PyTorch reference path
+(run by test_block_kernels.py with TRITON_INTERPRET=1)."""
 import sys
 from pathlib import Path
 
@@ -39,7 +40,8 @@ if __name__ == "__main__":
     q, k, v = structured_qkv(batch=1, heads=2, n=333, d=64, seed=5)
     want, _ = sparse_calls(q, k, v, reference)
     got, layouts = sparse_calls(q, k, v, triton_ops)
-    assert layouts and all(layout.tail for layout in layouts)
+    assert layouts and all(layout.query_squares is not None and layout.tail_key_spread is not None
+                           for layout in layouts)
     for out, ref in zip(got, want):
         difference = float((out - ref).norm() / ref.norm())
         print(f"relative difference {difference:.2e}")
