@@ -304,27 +304,33 @@ def segment_spread(x: torch.Tensor, labels: torch.Tensor, n_segments: int,
     return (square_norms.squeeze(-1) - means.square().sum(-1)).clamp_min(0) / x.shape[-1]
 
 
-def tail_log_weights(q: torch.Tensor, log_size: torch.Tensor, spread: torch.Tensor, scale: float) -> torch.Tensor:
-    """(..., Nq, S) additive logits of the pooled tail's pseudo-keys: log |K_j| + scale^2 |q|^2 spread_j / 2.
+def tail_log_weights(q_square: torch.Tensor, log_size: torch.Tensor, spread: torch.Tensor,
+                     scale: float) -> torch.Tensor:
+    """(..., Nq, S) additive logits of the pooled tail's pseudo-keys: log |K_j| + scale^2 |q|^2 spread_j / 2, from
+    |q|^2 of every query (..., Nq) fp32.
 
     A skipped segment's true weight is sum_i exp(scale q.k_i) = |K_j| exp(scale q.mean_j) mean_i exp(scale q.dev_i).
     The last factor is at least 1 (Jensen); for member deviations of per-channel variance spread_j it is
     exp(scale^2 |q|^2 spread_j / 2) to second order. Without it the tail undercounts every skipped segment."""
-    q_square = q.float().square().sum(-1, keepdim=True)  # (..., Nq, 1)
-    return log_size.unsqueeze(-2) + 0.5 * scale * scale * q_square * spread.unsqueeze(-2)
+    return log_size.unsqueeze(-2) + 0.5 * scale * scale * q_square.float().unsqueeze(-1) * spread.unsqueeze(-2)
 
 
 def tail_partial(q, k, v, layout, q_labels, k_labels, scale):
     """Pooled tail: every skipped key segment j enters as one key, its mean, weighted by its size |K_j| and
-    by the second-order term of its spread (``tail_log_weights``), times the layout's per-head weight of it."""
+    by the second-order term of its spread (``tail_log_weights``), times the layout's per-head weight of it.
+    The mean keys, their spreads and |q|^2 are the layout's where it carries them (the clustering's statistics)."""
     sk = layout.num_key_segments
-    k_mean, sizes = segment_means(k, k_labels, sk)
-    v_mean, _ = segment_means(v, k_labels, sk)
+    v_mean, sizes = segment_means(v, k_labels, sk)
     log_size = torch.log(sizes.float())  # (B, H, Sk); empty -> -inf
-    spread = segment_spread(k, k_labels, sk, means=k_mean)
+    if layout.tail_key_means is not None and layout.tail_key_spread is not None:
+        k_mean, spread = layout.tail_key_means.float(), layout.tail_key_spread
+    else:
+        k_mean, _ = segment_means(k, k_labels, sk)
+        spread = segment_spread(k, k_labels, sk, means=k_mean)
     if layout.tail_spread_weight is not None:
         spread = spread * layout.tail_spread_weight.float().unsqueeze(-1)
-    bias = tail_log_weights(q, log_size, spread, scale)
+    q_square = layout.query_squares if layout.query_squares is not None else q.float().square().sum(-1)
+    bias = tail_log_weights(q_square, log_size, spread, scale)
     skipped = ~selected_for_tokens(layout, q_labels)
     return partial_attention(q, k_mean, v_mean, bias=bias, scale=scale, key_mask=skipped)
 

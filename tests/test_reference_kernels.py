@@ -102,6 +102,21 @@ def test_pooled_tail_adds_skipped_clusters_as_size_weighted_means_with_their_spr
                 torch.testing.assert_close(out[b, h, i], weights @ torch.cat(values), atol=2e-6, rtol=1e-5)
 
 
+def test_the_tail_reads_its_inputs_from_the_layout_where_it_carries_them():
+    """The layout's mean keys, spreads and |q|^2 (the clustering's statistics) give what the executor computes;
+    different ones change the output, so they are read."""
+    gen = torch.Generator().manual_seed(8)
+    q, k, v = (torch.randn(1, 2, 90, 16, generator=gen) for _ in range(3))
+    layout, _, k_labels = random_layout(1, 2, 90, 4, 6, density=0.4, tail=True, seed=2)
+    want = R.execute_layout(q, k, v, layout)
+    layout.tail_key_means = R.segment_means(k, k_labels, 6)[0]
+    layout.tail_key_spread = R.segment_spread(k, k_labels, 6)
+    layout.query_squares = q.square().sum(-1)
+    torch.testing.assert_close(R.execute_layout(q, k, v, layout), want, atol=1e-6, rtol=1e-5)
+    layout.query_squares = 4 * layout.query_squares
+    assert not torch.allclose(R.execute_layout(q, k, v, layout), want, atol=1e-4)
+
+
 def test_the_spread_term_brings_the_tail_closer_to_the_skipped_keys():
     """For keys spread around their segment means, the second-order weight estimates the skipped segments'
     attention better than their size alone (it is exact for a Gaussian spread)."""
@@ -117,8 +132,8 @@ def test_the_spread_term_brings_the_tail_closer_to_the_skipped_keys():
     per_segment = torch.stack([torch.logsumexp(logits[..., labels[0, 0] == j], -1) for j in range(segments)], -1)
     centre_logits = (q @ means.transpose(-1, -2)) / math.sqrt(d)
     size_only = centre_logits + log_size.unsqueeze(-2)
-    second_order = centre_logits + R.tail_log_weights(q, log_size, R.segment_spread(k, labels, segments),
-                                                      1 / math.sqrt(d))
+    second_order = centre_logits + R.tail_log_weights(q.square().sum(-1), log_size,
+                                                      R.segment_spread(k, labels, segments), 1 / math.sqrt(d))
     assert (second_order - per_segment).abs().mean() < 0.25 * (size_only - per_segment).abs().mean()
     assert bool((size_only <= per_segment + 1e-4).all())  # Jensen: the size alone never overcounts
 
