@@ -26,6 +26,7 @@ import time
 import torch
 
 from ..config import ConfigError, parse_settings
+from .demo import relative_l2
 
 SHAPES = {  # name: (heads, tokens, head dim), batch 1, bf16
     "cogvideox2b-480p": (30, 17550, 64),
@@ -372,10 +373,6 @@ def layout_tiling(d: int, config: tuple):
             overrides[d] = previous
 
 
-def rel_l2(out: torch.Tensor, ref: torch.Tensor) -> float:
-    return float((out.float() - ref.float()).norm() / ref.float().norm().clamp_min(1e-12))
-
-
 def kernel_by_tiling(execute, head_dim: int, tilings, run_tiling_ms: float) -> dict:
     """The layout kernel timed in each of ``tilings`` ((head dim, tiling) pairs; those of another head dim are
     skipped) on one fixed layout. ``execute()`` runs it once; ``run_tiling_ms`` is its time in the run's own
@@ -388,7 +385,7 @@ def kernel_by_tiling(execute, head_dim: int, tilings, run_tiling_ms: float) -> d
         try:
             with layout_tiling(d, config):
                 # the difference from the run's tiling guards the comparison against a fast but wrong tiling
-                timing["rel_diff"] = rel_l2(execute(), chosen_out)
+                timing["rel_diff"] = relative_l2(execute(), chosen_out)
                 timing["ms"] = time_ms(execute, max_runs=20, budget_ms=400.0)
             timing["run_tiling_ms"] = run_tiling_ms
         except Exception as error:  # noqa: BLE001 - a tiling that does not compile here (shared memory)

@@ -56,7 +56,7 @@ import torch
 from .. import graphs
 from ..config import ConfigError, parse_assignments
 from ..jsonable import finite_json
-from .demo import sol_attn_function
+from .demo import relative_l2, sol_attn_function
 from ...nodes.widgets import BUDGET_CONSTANT, WIDGETS, check_widget_values, config_from_widgets
 
 PACK_ROOT = Path(__file__).resolve().parents[2]
@@ -563,10 +563,6 @@ def _median(values) -> float:
     return float(statistics.median(values)) if values else float("nan")
 
 
-def relative_error(x: torch.Tensor, reference: torch.Tensor) -> float:
-    return float((x - reference).norm() / reference.norm().clamp_min(1e-30))
-
-
 def _widgets(spec: ModelSpec, args, **changes) -> dict:
     """The AdaCluster node's widget values: the preset's defaults, the tiny clusterings with --tiny, the
     "CUDA graphs" widget on with --cuda-graphs, the --widget values."""
@@ -669,7 +665,7 @@ def benchmark_case(name: str, case: Case, args, device: torch.device, dtype: tor
         "sparse_calls": sum(r.sparse_calls for r in layers), "dense_reasons": report.dense_reasons if report else {},
         "peak_vram_bytes": sparse["peak_bytes"], "cache_bytes_peak": cache_peak[0],
         "cache_bytes_after_run": patch.cache.memory_bytes(),
-        "random_weight_fidelity_rel_error": relative_error(sparse["latent"], dense["latent"]),
+        "random_weight_fidelity_rel_error": relative_l2(sparse["latent"], dense["latent"]),
         "ceiling_step_ms": ceiling_step, "floor_step_ms_at_kept_fraction": floor_step,
         "sparse_step_vs_ceiling": t_sparse / ceiling_step if ceiling_step > 0 else float("nan"),
         "sparse_step_vs_floor": t_sparse / floor_step if floor_step > 0 else float("nan"),
@@ -710,7 +706,7 @@ def benchmark_case(name: str, case: Case, args, device: torch.device, dtype: tor
             "step_ms_median": t_core, "sparse_calls": core.sparse_calls, "dense_reasons": core.dense_reasons,
             "peak_vram_bytes": result["peak_bytes"], "whole_run_s": whole_core / 1000,
             "whole_run_speedup": whole_dense / whole_core,
-            "random_weight_fidelity_rel_error": relative_error(result["latent"], dense["latent"]),
+            "random_weight_fidelity_rel_error": relative_l2(result["latent"], dense["latent"]),
             "note": "runs dense everywhere" if core.sparse_calls == 0 else ""}
         del core_model
     _release(base, device)

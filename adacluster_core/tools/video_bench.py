@@ -28,8 +28,8 @@ from typing import Optional
 import torch
 
 from ..config import PUBLISHED_SETTINGS
-from .demo import sol_attn_function
-from .kernel_bench import _graph, _plan, fastest_dense, kernel_by_tiling, rel_l2, time_ms, tiling_label
+from .demo import relative_l2, sol_attn_function
+from .kernel_bench import _graph, _plan, fastest_dense, kernel_by_tiling, time_ms, tiling_label
 from .workload import VideoAttentionWorkload, WorkloadConfig
 
 
@@ -106,7 +106,7 @@ def run_case(name, q, k, v, call_kwargs, step, overrides, dense_out, dense_ms, v
     if reason is not None:
         return {"error": f"call stays dense: {reason}"}
     out = runner(q, k, v, call_info, dense=dense)  # the first sparse call: error measured on it
-    row = {"rel_l2": rel_l2(out[:, :, video], dense_out[:, :, video]),
+    row = {"rel_l2": relative_l2(out[:, :, video], dense_out[:, :, video]),
            "kept": float(cache.records[-1].kept.float().mean())}
     call = lambda: runner(q, k, v, call_info, dense=dense)  # noqa: E731
     row["call_ms"] = time_ms(call, max_runs=20, budget_ms=600.0)
@@ -155,7 +155,7 @@ def run_sol(sol, q, k, v, tau, shape: VideoShape, dense_out, dense_ms, video) ->
     call = lambda: sol(qt, kt, vt, tau=tau, **kwargs)  # noqa: E731
     out = call().transpose(1, 2)
     ms = time_ms(call, max_runs=20, budget_ms=600.0)
-    return {"rel_l2": rel_l2(out[:, :, video], dense_out[:, :, video]), "call_ms": ms, "speedup": dense_ms / ms}
+    return {"rel_l2": relative_l2(out[:, :, video], dense_out[:, :, video]), "call_ms": ms, "speedup": dense_ms / ms}
 
 
 def bench_video_shape(name: str, seed: int, methods=("default", "paper", "svg2"), sol_taus=SOL_TAUS,
