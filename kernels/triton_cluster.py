@@ -42,12 +42,13 @@ def _assign_kernel(x_ptr, c_ptr, csq_ptr, count_ptr, labels_ptr, fit_ptr, sizes_
     dims = tl.arange(0, D)
     x = tl.load(x_ptr + g * stride_xg + rows[:, None] * stride_xn + dims[None, :], mask=row_ok[:, None], other=0.0)
     if HAS_COUNT:
-        usable = tl.load(count_ptr + g).to(tl.int32)
+        usable = tl.minimum(tl.load(count_ptr + g).to(tl.int32), C)
     else:
         usable = C
     best = tl.full([BLOCK_N], float("-inf"), tl.float32)
     best_idx = tl.zeros([BLOCK_N], tl.int32)
-    for c0 in range(0, C, BLOCK_C):
+    # only this group's own centroids: groups with fewer clusters than the widest skip the padding slots
+    for c0 in range(0, usable, BLOCK_C):
         slots = c0 + tl.arange(0, BLOCK_C)
         slot_ok = slots < C
         cen = tl.load(c_ptr + (g * C + slots[:, None]) * D + dims[None, :], mask=slot_ok[:, None], other=0.0)
