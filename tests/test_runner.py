@@ -213,7 +213,7 @@ def test_corrupt_or_foreign_profile_is_rejected(tmp_path):
 
 
 def test_matched_budget_measures_every_candidate_and_never_errs_more_than_one_top_k():
-    """At calibration every head is measured at top_k x (1/2 .. 4); the budgets set at the first sparse step
+    """At calibration every head is measured at top_k x (1/2 .. 8); the budgets set at the first sparse step
     err no more, summed over the heads, than the one Top-K, keep no more keys, and sparse steps select with
     them."""
     q, k, v = structured_qkv(batch=1, heads=4, n=1200, d=16, groups=6, seed=11)
@@ -224,13 +224,16 @@ def test_matched_budget_measures_every_candidate_and_never_errs_more_than_one_to
     config = from_dict({**SMALL, "dense_layer_fraction": 0.0, "initial_key_clusters": 24,
                         "selection": {"top_k": 8, "min_kept_fraction": 0.0, "own_clusters": False}})
     runner = SparseAttention(config, cache)
-    assert runner.method.budget_candidates() == (4, 8, 16, 32)
+    assert runner.method.budget_candidates() == (4, 8, 16, 32, 64)
     runner(q, k, v, CallInfo(0, 0, 3, (0,)), dense=lambda: dense_reference(q, k, v))
     state = cache.state(0, 0)
-    assert state.probe_error.shape == state.probe_kept.shape == (4, 4) and state.head_top_k is None
-    # the largest candidate is measured only where the layer's error at the Top-K is above the dense threshold
+    assert state.probe_error.shape == state.probe_kept.shape == (4, 5) and state.head_top_k is None
+    # the candidates above twice the Top-K are measured only where the layer's error at the Top-K is above the
+    # dense threshold
     plain_error = float((state.probe_error[:, 1].sum() / state.probe_reference.sum()).sqrt())
-    assert bool(torch.isfinite(state.probe_error[:, 3]).all()) == (plain_error > config.dense_error_threshold)
+    might_run_dense = plain_error > config.dense_error_threshold
+    assert bool(torch.isfinite(state.probe_error[:, 3:]).all()) == might_run_dense
+    assert bool(torch.isinf(state.probe_error[:, 3:]).all()) == (not might_run_dense)
     assert bool(torch.isfinite(state.probe_error[:, :3]).all())
     assert runner.decide(q.shape, k.shape, CallInfo(0, 1, 3, (0,))) is None  # settles the budgets
     chosen = state.head_top_k.tolist()
@@ -259,9 +262,12 @@ def test_matched_budget_gives_spread_heads_more_keys_and_may_run_a_dense_layer_s
     runner = SparseAttention(config, cache, dense_layer_agreement=(lambda c: c) if shared_heads else None)
     run_steps(runner, q, k, v, 1, layers=2, branches=(0,))
     # (squared error, kept) per candidate Top-K: concentrated heads gain little from more keys, spread ones much
-    concentrated = ([0.03, 0.01, 0.005, 0.002], [0.05, 0.15, 0.25, 0.4])
-    spread = ([4.0, 2.0, 1.0, 0.5], [0.05, 0.09, 0.11, 0.2])
-    dense_layer = ([8.0, 4.0, 1.0, 0.1], [0.05, 0.09, 0.17, 0.33])  # layer 1: the plain rule runs it dense
+    # (candidates x 1/2, 1, 2, 4, 8; eight times is not measured in layer 0, whose error is low)
+    inf = float("inf")
+    concentrated = ([0.03, 0.01, 0.005, 0.002, inf], [0.05, 0.15, 0.25, 0.4, inf])
+    spread = ([4.0, 2.0, 1.0, 0.5, inf], [0.05, 0.09, 0.11, 0.2, inf])
+    # layer 1: the plain rule runs it dense; eight times the Top-K errs little less than four, for twice the keys
+    dense_layer = ([8.0, 4.0, 1.0, 0.1, 0.09], [0.05, 0.09, 0.17, 0.33, 0.6])
     measured = {0: ([concentrated, concentrated, spread, spread], 0.01), 1: ([dense_layer] * 4, 0.5)}
     for layer, (curves, error) in measured.items():
         state = cache.state(layer, 0)
@@ -278,6 +284,39 @@ def test_matched_budget_gives_spread_heads_more_keys_and_may_run_a_dense_layer_s
         assert cache.dense_layers == frozenset({1}) and cache.state(1, 0).head_top_k is None
     else:
         assert cache.dense_layers == frozenset() and cache.state(1, 0).head_top_k.tolist() == [32] * 4
+
+
+def test_a_layer_too_far_at_four_times_the_top_k_may_run_sparse_at_eight():
+    """Eight times the Top-K is the option that replaces a dense layer whose error at four times is still above
+    the dense-layer threshold, where it costs less for no more summed error."""
+    q, k, v = structured_qkv(batch=1, heads=4, n=700, d=16, seed=16)
+    cache = RunCache()
+    cache.start_run(3)
+    config = from_dict({**SMALL, "dense_layer_fraction": 0.5, "dense_error_threshold": 0.35,
+                        "selection": {"top_k": 8, "min_kept_fraction": 0.0}})
+    runner = SparseAttention(config, cache)
+    run_steps(runner, q, k, v, 1, layers=2, branches=(0,))
+    measured = {  # (squared error, kept) per candidate x 1/2, 1, 2, 4, 8 of every head, and the layer's error
+        0: (([4.0, 2.0, 1.0, 0.5, float("inf")], [0.05, 0.09, 0.11, 0.2, float("inf")]), 0.01),
+        # layer 1 errs 0.45 at four times the Top-K, above the threshold, and 0.3 at eight times
+        1: (([8.0, 4.0, 1.0, 0.2, 0.09], [0.05, 0.09, 0.17, 0.33, 0.6]), 0.5),
+    }
+    for layer, ((error, kept), layer_error) in measured.items():
+        state = cache.state(layer, 0)
+        state.probe_error = torch.tensor([error] * 4)
+        state.probe_kept = torch.tensor([kept] * 4)
+        state.probe_reference = torch.ones(4)
+        state.calibration_error = torch.tensor(layer_error)
+    assert runner.decide(q.shape, k.shape, CallInfo(0, 1, 3, (0,))) is None
+    assert cache.dense_layers == frozenset()
+    assert cache.state(1, 0).head_top_k.tolist() == [64] * 4
+    # without the eight-times option the same layer stays dense
+    cache.dense_layers = None
+    state = cache.state(1, 0)
+    state.probe_error[:, 4] = state.probe_kept[:, 4] = float("inf")
+    state.head_top_k = None
+    assert runner.decide(q.shape, k.shape, CallInfo(1, 1, 3, (0,))) == "dense layer"
+    assert cache.dense_layers == frozenset({1})
 
 
 def test_fixed_budget_measures_one_top_k_and_sets_no_head_budgets():

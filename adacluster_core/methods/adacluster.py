@@ -17,7 +17,11 @@ from ..schedule import Phase, phase_of
 from .base import PassResult, Plan, SparseMethod
 
 # the Top-K multiples measured at calibration for the budget allocation (config.selection.budget "matched")
-BUDGET_FACTORS = (0.5, 1.0, 2.0, 4.0)
+BUDGET_FACTORS = (0.5, 1.0, 2.0, 4.0, 8.0)
+# Multiples above this are measured only in layers that might run dense (error above the dense-layer threshold
+# at the Top-K): there they may replace a dense layer at a third to a half of its keys; elsewhere they would
+# cost more than all the smaller candidates together and are never the cheaper choice.
+ALWAYS_MEASURED_FACTOR = 2.0
 
 
 class AdaCluster(SparseMethod):
@@ -76,9 +80,10 @@ class AdaCluster(SparseMethod):
         the config's Top-K: the second-order weight assumes a roughly Gaussian spread of the keys around their
         cluster means, which a head may not have), then each head's squared error against dense and kept
         fraction at the candidate Top-K values with that weight (kept for ``settle_budgets``), and the layer's
-        error at the config's Top-K, which ranks the dense layers. The largest candidate costs about as much as
-        the others together and matters where a layer might run dense, so it is measured only where the layer's
-        error is above the dense-layer threshold (elsewhere it is no option)."""
+        error at the config's Top-K, which ranks the dense layers. The candidates above ALWAYS_MEASURED_FACTOR
+        times the Top-K cost more than the others together and matter only where a layer might run dense, so
+        they are measured only where the layer's error is above the dense-layer threshold (elsewhere they are no
+        option)."""
         qc, kc = self.cluster(q, k, call)
         sel = self.config.selection
         # with a calibration profile the budgets are the profile's, and the dense layers too
@@ -101,15 +106,14 @@ class AdaCluster(SparseMethod):
         def measure(top_k):
             return at_top_k if top_k == sel.top_k and at_top_k is not None else run(top_k, spread_weight)
 
-        measured = [measure(top_k) for top_k in candidates[:-1]]
+        always = [top_k for top_k in candidates if top_k <= ALWAYS_MEASURED_FACTOR * sel.top_k]
+        measured = [measure(top_k) for top_k in always]
         plain = candidates.index(sel.top_k)
-        plain_sq = measured[plain][0] if plain < len(measured) else None
         threshold = self.config.dense_error_threshold
-        if plain_sq is None or float(budget.layer_relative_error(plain_sq, ref_sq).max()) > threshold:
-            measured.append(measure(candidates[-1]))
-        else:
-            unmeasured = torch.full_like(ref_sq, float("inf"))
-            measured.append((unmeasured, unmeasured))
+        might_run_dense = float(budget.layer_relative_error(measured[plain][0], ref_sq).max()) > threshold
+        unmeasured = torch.full_like(ref_sq, float("inf"))
+        measured += [measure(top_k) if might_run_dense else (unmeasured, unmeasured)
+                     for top_k in candidates[len(always):]]
         diff_sq = torch.stack([m[0] for m in measured], dim=-1)  # (B, H, candidates)
         kept = torch.stack([m[1] for m in measured], dim=-1)
         layer_error = budget.layer_relative_error(diff_sq[..., plain], ref_sq)  # (B,)
