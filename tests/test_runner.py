@@ -228,13 +228,16 @@ def test_matched_budget_measures_every_candidate_and_never_errs_more_than_one_to
     runner(q, k, v, CallInfo(0, 0, 3, (0,)), dense=lambda: dense_reference(q, k, v))
     state = cache.state(0, 0)
     assert state.probe_error.shape == state.probe_kept.shape == (4, 5) and state.head_top_k is None
-    # the candidates above twice the Top-K are measured only where the layer's error at the Top-K is above the
-    # dense threshold
-    plain_error = float((state.probe_error[:, 1].sum() / state.probe_reference.sum()).sqrt())
-    might_run_dense = plain_error > config.dense_error_threshold
-    assert bool(torch.isfinite(state.probe_error[:, 3:]).all()) == might_run_dense
-    assert bool(torch.isinf(state.probe_error[:, 3:]).all()) == (not might_run_dense)
-    assert bool(torch.isfinite(state.probe_error[:, :3]).all())
+    # the candidates above twice the Top-K are measured only while the layer's error at the one before is above
+    # the dense threshold
+    def too_far(column):
+        error = float((state.probe_error[:, column].sum() / state.probe_reference.sum()).sqrt())
+        return error > config.dense_error_threshold
+
+    measured = [bool(torch.isfinite(state.probe_error[:, c]).all()) for c in range(5)]
+    assert measured[:3] == [True] * 3
+    assert measured[3] == too_far(1) and measured[4] == (measured[3] and too_far(3))
+    assert all(bool(torch.isinf(state.probe_error[:, c]).all()) for c in range(5) if not measured[c])
     assert runner.decide(q.shape, k.shape, CallInfo(0, 1, 3, (0,))) is None  # settles the budgets
     chosen = state.head_top_k.tolist()
     index = [runner.method.budget_candidates().index(c) for c in chosen]
@@ -317,6 +320,34 @@ def test_a_layer_too_far_at_four_times_the_top_k_may_run_sparse_at_eight():
     state.head_top_k = None
     assert runner.decide(q.shape, k.shape, CallInfo(1, 1, 3, (0,))) == "dense layer"
     assert cache.dense_layers == frozenset({1})
+
+
+@pytest.mark.parametrize("error_at_four_times, eight_measured", [(0.3, True), (0.05, False)])
+def test_eight_times_the_top_k_is_measured_only_where_four_times_is_still_too_far(error_at_four_times,
+                                                                                   eight_measured):
+    q, k, v = structured_qkv(batch=1, heads=2, n=1500, d=16, groups=8, seed=17)
+    cache = RunCache()
+    cache.start_run(3)
+    config = from_dict({**SMALL, "dense_layer_fraction": 0.0, "initial_key_clusters": 80,
+                        "selection": {"top_k": 8, "min_kept_fraction": 0.0, "own_clusters": False,
+                                      "local_block": 0}})
+    runner = SparseAttention(config, cache)
+    call = CallInfo(0, 0, 3, (0,))
+    runner.method.calibrate(q, k, call)
+    assert int(cache.state(0, 0).k_counts.min()) >= 64
+    reference = dense_reference(q, k, v)
+    relative_error = {4: 0.5, 8: 0.4, 16: 0.3, 32: error_at_four_times, 64: 0.02}  # by the Top-K the layout ran
+    ran = []
+
+    def execute(layout):  # a stand-in executor whose error depends only on the Top-K
+        top_k = int(layout.selected.sum(-1).max())
+        ran.append(top_k)
+        return reference * (1 + relative_error[top_k])
+
+    runner.method.probe(q, k, call, reference, execute)
+    state = cache.state(0, 0)
+    assert sorted(set(ran)) == ([4, 8, 16, 32, 64] if eight_measured else [4, 8, 16, 32])
+    assert bool(torch.isfinite(state.probe_error[:, 4]).all()) == eight_measured
 
 
 def test_fixed_budget_measures_one_top_k_and_sets_no_head_budgets():

@@ -18,9 +18,9 @@ from .base import PassResult, Plan, SparseMethod
 
 # the Top-K multiples measured at calibration for the budget allocation (config.selection.budget "matched")
 BUDGET_FACTORS = (0.5, 1.0, 2.0, 4.0, 8.0)
-# Multiples above this are measured only in layers that might run dense (error above the dense-layer threshold
-# at the Top-K): there they may replace a dense layer at a third to a half of its keys; elsewhere they would
-# cost more than all the smaller candidates together and are never the cheaper choice.
+# Multiples above this are measured only in layers that might run dense, each while the layer's error at the
+# one before is still above the dense-layer threshold: there they may replace a dense layer at a fifth to a
+# half of its keys; elsewhere they would cost more than all the smaller candidates together.
 ALWAYS_MEASURED_FACTOR = 2.0
 
 
@@ -82,8 +82,8 @@ class AdaCluster(SparseMethod):
         fraction at the candidate Top-K values with that weight (kept for ``settle_budgets``), and the layer's
         error at the config's Top-K, which ranks the dense layers. The candidates above ALWAYS_MEASURED_FACTOR
         times the Top-K cost more than the others together and matter only where a layer might run dense, so
-        they are measured only where the layer's error is above the dense-layer threshold (elsewhere they are no
-        option)."""
+        each is measured only where the layer's error at the candidate before it is above the dense-layer
+        threshold (elsewhere it is no option)."""
         qc, kc = self.cluster(q, k, call)
         sel = self.config.selection
         # with a calibration profile the budgets are the profile's, and the dense layers too
@@ -110,10 +110,14 @@ class AdaCluster(SparseMethod):
         measured = [measure(top_k) for top_k in always]
         plain = candidates.index(sel.top_k)
         threshold = self.config.dense_error_threshold
-        might_run_dense = float(budget.layer_relative_error(measured[plain][0], ref_sq).max()) > threshold
         unmeasured = torch.full_like(ref_sq, float("inf"))
-        measured += [measure(top_k) if might_run_dense else (unmeasured, unmeasured)
-                     for top_k in candidates[len(always):]]
+        too_far = float(budget.layer_relative_error(measured[plain][0], ref_sq).max()) > threshold
+        for top_k in candidates[len(always):]:
+            if not too_far:
+                measured.append((unmeasured, unmeasured))
+                continue
+            measured.append(measure(top_k))
+            too_far = float(budget.layer_relative_error(measured[-1][0], ref_sq).max()) > threshold
         diff_sq = torch.stack([m[0] for m in measured], dim=-1)  # (B, H, candidates)
         kept = torch.stack([m[1] for m in measured], dim=-1)
         layer_error = budget.layer_relative_error(diff_sq[..., plain], ref_sq)  # (B,)
