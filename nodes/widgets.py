@@ -129,7 +129,7 @@ WIDGETS: tuple = (
     # new widgets go last: UI-format workflows store widget values by position
     Widget("head_budgets", "COMBO", HEAD_BUDGETS_MATCHED, "How many key clusters each head and layer keeps. "
            "'matched to error': the calibration step measures every head at half to twice the Top-K (and at four "
-           "and eight times in layers that might run dense) and "
+           "and eight times in layers that might otherwise run dense) and "
            "gives keys where they remove the most error, for the fewest kept keys at no more error than one "
            "Top-K for every head; a layer picked to run dense may run sparse with a larger Top-K where that "
            "brings it under the dense-layer threshold and is cheaper for the same error ('hybrid' only: 'paper' "

@@ -19,8 +19,8 @@ from .base import PassResult, Plan, SparseMethod
 # the Top-K multiples measured at calibration for the budget allocation (config.selection.budget "matched")
 BUDGET_FACTORS = (0.5, 1.0, 2.0, 4.0, 8.0)
 # Multiples above this are measured only in layers that might run dense, each while the layer's error at the
-# one before is still above the dense-layer threshold: there they may replace a dense layer at a fifth to a
-# half of its keys; elsewhere they would cost more than all the smaller candidates together.
+# one before is still above the dense-layer threshold: there they may let the layer run sparse instead of dense;
+# elsewhere they would cost more to measure than all the smaller candidates together.
 ALWAYS_MEASURED_FACTOR = 2.0
 
 
