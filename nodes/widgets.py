@@ -77,7 +77,7 @@ WIDGETS: tuple = (
            1, 4096, 1, config_key="initial_key_clusters"),
     Widget("top_k_clusters", "INT", TOP_K_FROM_SELECTION, "Key clusters every query cluster attends. 0 uses the "
            "selection's own value ('hybrid' 12, 'paper' 64); with matched head budgets each head gets half to twice "
-           "it (up to eight times in a layer that would otherwise run dense). A value at or above a layer's key "
+           "it (up to 32 times in a layer that would otherwise run dense). A value at or above a layer's key "
            "cluster count keeps every cluster of that layer (exact "
            "attention). 'svg2' keeps the smallest set of clusters holding 90% of the attention mass instead and "
            "ignores this value.", "Top-K clusters", TOP_K_FROM_SELECTION, 4096, 1,
@@ -88,7 +88,7 @@ WIDGETS: tuple = (
            "warm-up steps", WARMUP_FROM_PRESET, 10000, 1, config_key="warmup_steps"),
     Widget("dense_layer_fraction", "FLOAT", 0.15, "The most layers that stay dense, as a share of all layers: after "
            "calibration the layers chosen by 'dense layers by' (plus any layer that is hard to compress) run full "
-           "attention; with matched head budgets such a layer may run sparse at up to eight times the Top-K "
+           "attention; with matched head budgets such a layer may run sparse at up to 32 times the Top-K "
            "instead, where that brings its error under the dense-layer threshold (0.1) and keeps fewer keys for "
            "no more error.",
            "dense-layer fraction", 0.0, 1.0, 0.01, config_key="dense_layer_fraction"),
@@ -129,7 +129,7 @@ WIDGETS: tuple = (
     # new widgets go last: UI-format workflows store widget values by position
     Widget("head_budgets", "COMBO", HEAD_BUDGETS_MATCHED, "How many key clusters each head and layer keeps. "
            "'matched to error': the calibration step measures every head at half to twice the Top-K (and at four "
-           "and eight times in layers that might otherwise run dense) and "
+           "to 32 times in layers that might otherwise run dense) and "
            "gives keys where they remove the most error, for the fewest kept keys at no more error than one "
            "Top-K for every head; a layer picked to run dense may run sparse with a larger Top-K where that "
            "brings it under the dense-layer threshold and is cheaper for the same error ('hybrid' only: 'paper' "

@@ -213,7 +213,8 @@ def test_corrupt_or_foreign_profile_is_rejected(tmp_path):
 
 
 def test_matched_budget_measures_every_candidate_and_never_errs_more_than_one_top_k():
-    """At calibration every head is measured at top_k x (1/2 .. 8); the budgets set at the first sparse step
+    """At calibration every head is measured at top_k x (1/2 .. 2), and at larger multiples where the layer
+    errs too much (below); the budgets set at the first sparse step
     err no more, summed over the heads, than the one Top-K, keep no more keys, and sparse steps select with
     them."""
     q, k, v = structured_qkv(batch=1, heads=4, n=1200, d=16, groups=6, seed=11)
@@ -224,20 +225,24 @@ def test_matched_budget_measures_every_candidate_and_never_errs_more_than_one_to
     config = from_dict({**SMALL, "dense_layer_fraction": 0.0, "initial_key_clusters": 24,
                         "selection": {"top_k": 8, "min_kept_fraction": 0.0, "own_clusters": False}})
     runner = SparseAttention(config, cache)
-    assert runner.method.budget_candidates() == (4, 8, 16, 32, 64)
+    candidates = runner.method.budget_candidates()
+    assert candidates == (4, 8, 16, 32, 64, 128, 256)
     runner(q, k, v, CallInfo(0, 0, 3, (0,)), dense=lambda: dense_reference(q, k, v))
     state = cache.state(0, 0)
-    assert state.probe_error.shape == state.probe_kept.shape == (4, 5) and state.head_top_k is None
-    # the candidates above twice the Top-K are measured only while the layer's error at the one before is above
-    # the dense threshold
+    assert state.probe_error.shape == state.probe_kept.shape == (4, 7) and state.head_top_k is None
+    # the candidates above twice the Top-K are measured only while the layer's error at the one before (the
+    # Top-K, for four times it) is above the dense threshold, and while they leave some key cluster out
     def too_far(column):
         error = float((state.probe_error[:, column].sum() / state.probe_reference.sum()).sqrt())
         return error > config.dense_error_threshold
 
-    measured = [bool(torch.isfinite(state.probe_error[:, c]).all()) for c in range(5)]
+    widest = int(state.k_counts.max())
+    measured = [bool(torch.isfinite(state.probe_error[:, c]).all()) for c in range(7)]
     assert measured[:3] == [True] * 3
-    assert measured[3] == too_far(1) and measured[4] == (measured[3] and too_far(3))
-    assert all(bool(torch.isinf(state.probe_error[:, c]).all()) for c in range(5) if not measured[c])
+    for column in range(3, 7):
+        before = 1 if column == 3 else column - 1
+        assert measured[column] == (measured[before] and too_far(before) and candidates[column] < widest), column
+    assert all(bool(torch.isinf(state.probe_error[:, c]).all()) for c in range(7) if not measured[c])
     assert runner.decide(q.shape, k.shape, CallInfo(0, 1, 3, (0,))) is None  # settles the budgets
     chosen = state.head_top_k.tolist()
     index = [runner.method.budget_candidates().index(c) for c in chosen]
@@ -265,12 +270,12 @@ def test_matched_budget_gives_spread_heads_more_keys_and_may_run_a_dense_layer_s
     runner = SparseAttention(config, cache, dense_layer_agreement=(lambda c: c) if shared_heads else None)
     run_steps(runner, q, k, v, 1, layers=2, branches=(0,))
     # (squared error, kept) per candidate Top-K: concentrated heads gain little from more keys, spread ones much
-    # (candidates x 1/2, 1, 2, 4, 8; eight times is not measured in layer 0, whose error is low)
+    # (candidates x 1/2, 1, 2, 4, 8, 16, 32; eight times and more are not measured where four times errs little)
     inf = float("inf")
-    concentrated = ([0.03, 0.01, 0.005, 0.002, inf], [0.05, 0.15, 0.25, 0.4, inf])
-    spread = ([4.0, 2.0, 1.0, 0.5, inf], [0.05, 0.09, 0.11, 0.2, inf])
+    concentrated = ([0.03, 0.01, 0.005, 0.002, inf, inf, inf], [0.05, 0.15, 0.25, 0.4, inf, inf, inf])
+    spread = ([4.0, 2.0, 1.0, 0.5, inf, inf, inf], [0.05, 0.09, 0.11, 0.2, inf, inf, inf])
     # layer 1: the plain rule runs it dense; eight times the Top-K errs little less than four, for twice the keys
-    dense_layer = ([8.0, 4.0, 1.0, 0.1, 0.09], [0.05, 0.09, 0.17, 0.33, 0.6])
+    dense_layer = ([8.0, 4.0, 1.0, 0.1, 0.09, inf, inf], [0.05, 0.09, 0.17, 0.33, 0.6, inf, inf])
     measured = {0: ([concentrated, concentrated, spread, spread], 0.01), 1: ([dense_layer] * 4, 0.5)}
     for layer, (curves, error) in measured.items():
         state = cache.state(layer, 0)
@@ -299,10 +304,11 @@ def test_a_layer_too_far_at_four_times_the_top_k_may_run_sparse_at_eight():
                         "selection": {"top_k": 8, "min_kept_fraction": 0.0}})
     runner = SparseAttention(config, cache)
     run_steps(runner, q, k, v, 1, layers=2, branches=(0,))
-    measured = {  # (squared error, kept) per candidate x 1/2, 1, 2, 4, 8 of every head, and the layer's error
-        0: (([4.0, 2.0, 1.0, 0.5, float("inf")], [0.05, 0.09, 0.11, 0.2, float("inf")]), 0.01),
+    inf = float("inf")
+    measured = {  # (squared error, kept) per candidate x 1/2 .. 32 of every head, and the layer's error
+        0: (([4.0, 2.0, 1.0, 0.5, inf, inf, inf], [0.05, 0.09, 0.11, 0.2, inf, inf, inf]), 0.01),
         # layer 1 errs 0.45 at four times the Top-K, above the threshold, and 0.3 at eight times
-        1: (([8.0, 4.0, 1.0, 0.2, 0.09], [0.05, 0.09, 0.17, 0.33, 0.6]), 0.5),
+        1: (([8.0, 4.0, 1.0, 0.2, 0.09, inf, inf], [0.05, 0.09, 0.17, 0.33, 0.6, inf, inf]), 0.5),
     }
     for layer, ((error, kept), layer_error) in measured.items():
         state = cache.state(layer, 0)
@@ -316,15 +322,17 @@ def test_a_layer_too_far_at_four_times_the_top_k_may_run_sparse_at_eight():
     # without the eight-times option the same layer stays dense
     cache.dense_layers = None
     state = cache.state(1, 0)
-    state.probe_error[:, 4] = state.probe_kept[:, 4] = float("inf")
+    state.probe_error[:, 4:] = state.probe_kept[:, 4:] = float("inf")
     state.head_top_k = None
     assert runner.decide(q.shape, k.shape, CallInfo(1, 1, 3, (0,))) == "dense layer"
     assert cache.dense_layers == frozenset({1})
 
 
-@pytest.mark.parametrize("error_at_four_times, eight_measured", [(0.3, True), (0.05, False)])
-def test_eight_times_the_top_k_is_measured_only_where_four_times_is_still_too_far(error_at_four_times,
-                                                                                   eight_measured):
+@pytest.mark.parametrize("error_at_four_times, error_at_eight_times, measured_top_k",
+                         [(0.05, 0.02, [4, 8, 16, 32]), (0.3, 0.02, [4, 8, 16, 32, 64]),
+                          (0.3, 0.3, [4, 8, 16, 32, 64])])  # sixteen times (128) would keep every key cluster
+def test_each_larger_top_k_is_measured_only_while_the_one_before_is_still_too_far(
+        error_at_four_times, error_at_eight_times, measured_top_k):
     q, k, v = structured_qkv(batch=1, heads=2, n=1500, d=16, groups=8, seed=17)
     cache = RunCache()
     cache.start_run(3)
@@ -334,9 +342,11 @@ def test_eight_times_the_top_k_is_measured_only_where_four_times_is_still_too_fa
     runner = SparseAttention(config, cache)
     call = CallInfo(0, 0, 3, (0,))
     runner.method.calibrate(q, k, call)
-    assert int(cache.state(0, 0).k_counts.min()) >= 64
+    counts = cache.state(0, 0).k_counts
+    assert int(counts.min()) >= 64 and int(counts.max()) <= 128
     reference = dense_reference(q, k, v)
-    relative_error = {4: 0.5, 8: 0.4, 16: 0.3, 32: error_at_four_times, 64: 0.02}  # by the Top-K the layout ran
+    # by the Top-K the layout ran
+    relative_error = {4: 0.5, 8: 0.4, 16: 0.3, 32: error_at_four_times, 64: error_at_eight_times}
     ran = []
 
     def execute(layout):  # a stand-in executor whose error depends only on the Top-K
@@ -346,8 +356,9 @@ def test_eight_times_the_top_k_is_measured_only_where_four_times_is_still_too_fa
 
     runner.method.probe(q, k, call, reference, execute)
     state = cache.state(0, 0)
-    assert sorted(set(ran)) == ([4, 8, 16, 32, 64] if eight_measured else [4, 8, 16, 32])
-    assert bool(torch.isfinite(state.probe_error[:, 4]).all()) == eight_measured
+    assert sorted(set(ran)) == measured_top_k
+    measured = [bool(torch.isfinite(state.probe_error[:, c]).all()) for c in range(7)]
+    assert measured == [True] * len(measured_top_k) + [False] * (7 - len(measured_top_k))
 
 
 def test_fixed_budget_measures_one_top_k_and_sets_no_head_budgets():

@@ -17,9 +17,10 @@ from ..schedule import Phase, phase_of
 from .base import PassResult, Plan, SparseMethod
 
 # the Top-K multiples measured at calibration for the budget allocation (config.selection.budget "matched")
-BUDGET_FACTORS = (0.5, 1.0, 2.0, 4.0, 8.0)
+BUDGET_FACTORS = (0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 32.0)
 # Multiples above this are measured only in layers that might run dense, each while the layer's error at the
-# one before is still above the dense-layer threshold: there they may let the layer run sparse instead of dense;
+# one before is still above the dense-layer threshold and it leaves some key cluster out: there they may let
+# the layer run sparse instead of dense (the more key clusters a layer has, the larger the multiple it takes);
 # elsewhere they would cost more to measure than all the smaller candidates together.
 ALWAYS_MEASURED_FACTOR = 2.0
 
@@ -83,7 +84,8 @@ class AdaCluster(SparseMethod):
         error at the config's Top-K, which ranks the dense layers. The candidates above ALWAYS_MEASURED_FACTOR
         times the Top-K cost more than the others together and matter only where a layer might run dense, so
         each is measured only where the layer's error at the candidate before it is above the dense-layer
-        threshold (elsewhere it is no option)."""
+        threshold, and only while it leaves some key cluster of the layer out (keeping all of them is exact
+        attention at a dense layer's cost); elsewhere it is no option."""
         qc, kc = self.cluster(q, k, call)
         sel = self.config.selection
         # with a calibration profile the budgets are the profile's, and the dense layers too
@@ -112,8 +114,9 @@ class AdaCluster(SparseMethod):
         threshold = self.config.dense_error_threshold
         unmeasured = torch.full_like(ref_sq, float("inf"))
         too_far = float(budget.layer_relative_error(measured[plain][0], ref_sq).max()) > threshold
+        widest = int(kc.counts.max())
         for top_k in candidates[len(always):]:
-            if not too_far:
+            if not too_far or top_k >= widest:
                 measured.append((unmeasured, unmeasured))
                 continue
             measured.append(measure(top_k))
