@@ -48,3 +48,11 @@ def test_bad_flags_are_named_before_any_work(flags, message, capsys):
         bs.main(["--device", "cpu", *flags])
     err = capsys.readouterr().err
     assert message in err and "workload:" not in err
+
+
+def test_calibration_steps_are_checked_only_for_the_selection_part(capsys):
+    """The selection part's calibration steps (default 2 and 9) do not stop a short schedule-only study."""
+    with pytest.raises(SystemExit):
+        bs.main(["--device", "cpu", "--steps", "10", "--parts", "schedule", "--variants", "no-such-row"])
+    error_line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "--variants no-such-row" in error_line and "--calibrate-at" not in error_line

@@ -242,7 +242,7 @@ def main(argv=None) -> int:
         parser.error(f"--steps must be in [10, 200], got {args.steps}")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         parser.error(f"--device {args.device}: no CUDA GPU is available")
-    if any(not 0 <= step < args.steps - 1 for step in args.calibrate_at):
+    if "selection" in args.parts and any(not 0 <= step < args.steps - 1 for step in args.calibrate_at):
         parser.error(f"--calibrate-at steps must be in [0, {args.steps - 2}], got {args.calibrate_at}")
     if args.threads < 1:
         parser.error(f"--threads must be at least 1, got {args.threads}")
