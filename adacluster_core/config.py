@@ -55,10 +55,10 @@ class SelectionConfig:
     local_block: int = 64  # each query's own block in original order; 0 = off
     own_clusters: bool = True  # always keep the key clusters that hold the query cluster's own tokens
     # "matched" (with count "topk"): the calibration step measures every head at top_k x (1/2 .. 2), x 4 in
-    # layers that err above the dense-layer threshold at top_k, and x 8, 16, 32 while the one before still does; each head's Top-K,
-    # and which of the layers picked for dense really run dense (only under the dense-layer threshold), are set
-    # for the fewest kept keys whose summed layer error is at most 95% of that with top_k for every head
-    # (budget.py); "fixed": top_k for every head.
+    # layers that err above the dense-layer threshold at top_k, and x 8, 16, 32 while the one before still does;
+    # each head's Top-K, and which of the layers picked for dense really run dense (only under the dense-layer
+    # threshold), are set for the fewest kept keys whose summed layer error is at most 95% of that with top_k
+    # for every head (budget.py); "fixed": top_k for every head.
     budget: str = "matched"
     # Budget schedule over the denoising: attention is more spread out at high noise, so the Top-K is
     # scaled by high_noise_top_k_scale on the first noise_phase_fraction of the denoising and by

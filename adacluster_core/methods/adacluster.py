@@ -114,7 +114,7 @@ class AdaCluster(SparseMethod):
         threshold = self.config.dense_error_threshold
         unmeasured = torch.full_like(ref_sq, float("inf"))
         too_far = float(budget.layer_relative_error(measured[plain][0], ref_sq).max()) > threshold
-        widest = int(kc.counts.max())
+        widest = int(kc.counts.max()) if too_far else 0  # read from the device only where it may be needed
         for top_k in candidates[len(always):]:
             if not too_far or top_k >= widest:
                 measured.append((unmeasured, unmeasured))
